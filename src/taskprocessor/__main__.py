@@ -1,0 +1,3 @@
+from taskprocessor.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,625 @@
+"""The `TaskProcessor`: task registration, submission, job handles and the run loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import enum
+import functools
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, final, overload
+
+from taskprocessor.brokers import Broker, BrokerStatistics, open_broker
+from taskprocessor.clock import Clock, LoopClock, clock_timeout
+from taskprocessor.engine.autoscaler import Autoscale, run_autoscaler
+from taskprocessor.engine.definition import SUBMIT_OPTIONS, KeyFunction, TaskDefinition
+from taskprocessor.engine.executors import Executors
+from taskprocessor.engine.failures import ErrorHandler
+from taskprocessor.engine.pool import (
+    PoolStatistics,
+    ShutdownReport,
+    WorkerPool,
+    check_workers,
+)
+from taskprocessor.errors import (
+    ConfigurationError,
+    PayloadError,
+    ProcessorClosed,
+    ResultTimeout,
+    UnknownTask,
+)
+from taskprocessor.resilience.retry import RetryPolicy
+from taskprocessor.task import Priority, TaskRecord, TaskState, validate_priority
+
+__all__ = ["JobHandle", "ProcessorState", "ProcessorStatistics", "Task", "TaskProcessor"]
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class ProcessorState(enum.Enum):
+    """Lifecycle of a `TaskProcessor`: submits are accepted while NEW or RUNNING."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ProcessorStatistics:
+    """A snapshot of a processor: its state, its broker's queues and its worker pool."""
+
+    state: ProcessorState
+    broker: BrokerStatistics
+    pool: PoolStatistics | None
+
+
+@final
+class JobHandle(Generic[R]):
+    """A submitted task: its id and state, and a way to await or cancel it.
+
+    Like `concurrent.futures.Future`, but the task runs in a worker pool that may
+    live in another process.
+    """
+
+    __slots__ = ("_app", "_record")
+
+    def __init__(self, app: TaskProcessor, record: TaskRecord) -> None:
+        self._app = app
+        self._record = record
+
+    @property
+    def id(self) -> str:
+        """The task id."""
+        return self._record.id
+
+    @property
+    def name(self) -> str:
+        """The registered task name."""
+        return self._record.name
+
+    @property
+    def state(self) -> TaskState:
+        """The task's current state."""
+        return self._record.state
+
+    @property
+    def attempt(self) -> int:
+        """Attempts started so far."""
+        return self._record.attempt
+
+    def done(self) -> bool:
+        """Whether the task reached a final state."""
+        return self._record.state.is_final
+
+    async def wait(self, timeout: float | None = None) -> TaskState:
+        """Wait for a final state and return it, without raising the task's error.
+
+        Raises:
+            ResultTimeout: Still not done after ``timeout`` seconds.
+        """
+        record = self._record
+        if not record.state.is_final:
+            waiter = record.completion()
+            if timeout is None:
+                await asyncio.shield(waiter)
+            else:
+                if not timeout >= 0:
+                    raise ConfigurationError("timeout", timeout, "seconds >= 0, or None")
+                try:
+                    async with clock_timeout(self._app.clock, timeout):
+                        await asyncio.shield(waiter)
+                except TimeoutError:
+                    raise ResultTimeout(record.id, timeout) from None
+        return record.state
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the task and return its result, or raise why it has none.
+
+        Raises:
+            ResultTimeout: Still not done after ``timeout`` seconds (the task goes on).
+            TaskCancelled: The task was cancelled.
+            TaskTimeout: Its last attempt ran past its timeout.
+            TaskExpired: It was not started within its ttl.
+            Exception: Whatever the handler raised, with its traceback.
+        """
+        state = await self.wait(timeout)
+        record = self._record
+        if state is TaskState.SUCCEEDED:
+            value: R = record.result
+            return value
+        assert record.error is not None  # noqa: S101 - every other final state has one
+        raise record.error
+
+    def exception(self) -> BaseException | None:
+        """The error of a finished task (None if it succeeded or is not finished)."""
+        return self._record.error if self._record.state.is_final else None
+
+    async def cancel(self) -> bool:
+        """Cancel the task: a queued one never starts, a running one is interrupted.
+
+        Returns:
+            True if the task was waiting or running (it ends CANCELLED once the
+            handler stops), False if it had already finished.
+        """
+        previous = await self._app.broker.cancel(self.id)
+        return previous is not None and not previous.is_final
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.name} id={self.id} {self.state.value}>"
+
+
+@final
+class Task(Generic[R]):
+    """A registered task type, as returned by ``@app.task``; call `submit` to run it.
+
+    Calling the object itself calls the handler directly, which is handy in tests.
+    """
+
+    __slots__ = ("__dict__", "__wrapped__", "_app", "definition")
+
+    def __init__(self, app: TaskProcessor, definition: TaskDefinition) -> None:
+        self._app = app
+        self.definition = definition
+        functools.update_wrapper(self, definition.fn)
+
+    @property
+    def name(self) -> str:
+        """The registered name."""
+        return self.definition.name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.definition.fn(*args, **kwargs)
+
+    async def submit(
+        self,
+        *args: Any,
+        priority: object = None,
+        delay: float | None = None,
+        eta: datetime.datetime | float | None = None,
+        key: str | None = None,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        block: bool = True,
+        **kwargs: Any,
+    ) -> JobHandle[R]:
+        """Queue one run of the task with these arguments.
+
+        Args:
+            *args: Positional arguments for the handler (plain data).
+            priority: Overrides the task's priority (0-100, or a `Priority`).
+            delay: Seconds to wait before the task becomes ready.
+            eta: When it becomes ready: an aware `datetime` or a POSIX timestamp.
+            key: The concurrency key (overrides the task's key function).
+            ttl: Seconds it may wait in the queue before it expires unstarted.
+            timeout: Run timeout per attempt in seconds (overrides the task's).
+            block: When the queue is full, wait for room (True) or raise `QueueFull`.
+            **kwargs: Keyword arguments for the handler. To pass one named like an
+                option above, use `apply`.
+
+        Returns:
+            A `JobHandle` for the queued task.
+        """
+        return await self._app.submit_record(
+            self._app.build_record(
+                self.definition,
+                args,
+                kwargs,
+                priority=priority,
+                delay=delay,
+                eta=eta,
+                key=key,
+                ttl=ttl,
+                timeout=timeout,
+            ),
+            block=block,
+        )
+
+    async def apply(
+        self,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> JobHandle[R]:
+        """Submit with arguments given as a tuple and a dict; ``options`` as for `submit`."""
+        unknown = set(options) - SUBMIT_OPTIONS
+        if unknown:
+            raise ConfigurationError(
+                "options", sorted(unknown), f"submit options among {sorted(SUBMIT_OPTIONS)}"
+            )
+        block = options.pop("block", True)
+        record = self._app.build_record(self.definition, tuple(args), dict(kwargs or {}), **options)
+        return await self._app.submit_record(record, block=block)
+
+    def submit_threadsafe(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[JobHandle[R]]:
+        """`submit` from a thread other than the event loop's; returns a concurrent future."""
+        return self._app.call_threadsafe(self.submit(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+
+class _TaskDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[..., Awaitable[R_co]], /) -> Task[R_co]: ...
+    @overload
+    def __call__(self, fn: Callable[..., R_co], /) -> Task[R_co]: ...
+
+
+class TaskProcessor:
+    """Declare tasks, submit them, and run a worker pool that executes them.
+
+    Args:
+        broker: A broker URL (``memory://``, the default) or a `Broker` instance.
+        clock: The time source (tests pass `taskprocessor.testing.FakeClock`).
+        on_error: The central error handler, called for every failed attempt.
+        max_queue_size: Bound on queued + scheduled tasks; None for unbounded.
+        aging: Seconds of waiting after which a task gains one priority level, so low
+            priorities cannot starve; None keeps strict priority order.
+        max_threads: Threads for plain-function handlers.
+        max_processes: Processes for ``cpu_bound`` handlers (default: CPU count).
+        grace: Seconds that shutdown lets work finish before interrupting it.
+        validate_payloads: Check at submit that arguments are plain JSON data, so code
+            that runs in memory also runs over a networked broker.
+
+    Example:
+        >>> import asyncio
+        >>> app = TaskProcessor()
+        >>> @app.task(retries=2)
+        ... async def add(x: int, y: int) -> int:
+        ...     return x + y
+        >>> async def main() -> int:
+        ...     async with app.run(workers=4):
+        ...         job = await add.submit(2, 3)
+        ...         return await job.result(timeout=5)
+        >>> asyncio.run(main())
+        5
+    """
+
+    def __init__(
+        self,
+        broker: str | Broker = "memory://",
+        *,
+        clock: Clock | None = None,
+        on_error: ErrorHandler | None = None,
+        max_queue_size: int | None = None,
+        aging: float | None = None,
+        max_threads: int = 32,
+        max_processes: int | None = None,
+        grace: float = 10.0,
+        validate_payloads: bool = True,
+    ) -> None:
+        self.clock: Clock = clock or LoopClock()
+        if isinstance(broker, str):
+            broker = open_broker(broker, clock=self.clock, capacity=max_queue_size, aging=aging)
+        elif not isinstance(broker, Broker):
+            raise ConfigurationError("broker", broker, "a broker URL or a Broker instance")
+        if on_error is not None and not callable(on_error):
+            raise ConfigurationError("on_error", on_error, "a function of a Failure, or None")
+        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+            raise ConfigurationError("max_threads", max_threads, "an integer >= 1")
+        if max_processes is not None and (not isinstance(max_processes, int) or max_processes < 1):
+            raise ConfigurationError("max_processes", max_processes, "an integer >= 1 or None")
+        if not grace >= 0:
+            raise ConfigurationError("grace", grace, "seconds >= 0")
+        self.broker: Broker = broker
+        self._on_error = on_error
+        self._max_threads = max_threads
+        self._max_processes = max_processes
+        self._grace = grace
+        self._validate = validate_payloads
+        self._tasks: dict[str, TaskDefinition] = {}
+        self._state = ProcessorState.NEW
+        self._pool: WorkerPool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- registration --------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[..., Awaitable[R]], /) -> Task[R]: ...
+    @overload
+    def task(self, fn: Callable[..., R], /) -> Task[R]: ...
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        priority: object = Priority.NORMAL,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        retries: int = 0,
+        retry: RetryPolicy | None = None,
+        concurrency: int | None = None,
+        key_concurrency: int | None = None,
+        key: KeyFunction | None = None,
+        cpu_bound: bool = False,
+        queue: str = "default",
+    ) -> _TaskDecorator: ...
+
+    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Register a handler as a task type; use bare or with options.
+
+        Args:
+            fn: The handler, when used as ``@app.task`` without parentheses.
+            **options: ``name``, ``priority``, ``timeout`` (per attempt, seconds),
+                ``ttl`` (queue time-to-live, seconds), ``retries`` (or a ``retry``
+                `RetryPolicy`), ``concurrency`` (running at once), ``key_concurrency``
+                and ``key`` (running at once per key), ``cpu_bound`` (process pool for
+                a plain function), ``queue``.
+
+        Raises:
+            ConfigurationError: An option is out of range, or the name is taken.
+        """
+
+        def register(handler: Callable[..., Any]) -> Task[Any]:
+            definition = TaskDefinition(handler, **options)
+            if definition.name in self._tasks:
+                raise ConfigurationError(
+                    "name", definition.name, "a name not yet registered (pass name=... to tell "
+                    "two handlers apart)"
+                )
+            self._tasks[definition.name] = definition
+            return Task(self, definition)
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    @property
+    def tasks(self) -> dict[str, TaskDefinition]:
+        """The registered task definitions by name (a copy)."""
+        return dict(self._tasks)
+
+    # -- submitting ----------------------------------------------------------------
+
+    def build_record(
+        self,
+        definition: TaskDefinition,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        priority: object = None,
+        delay: float | None = None,
+        eta: datetime.datetime | float | None = None,
+        key: str | None = None,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> TaskRecord:
+        """Validate a submission and build its record (not yet queued)."""
+        definition.bind(args, kwargs)
+        if self._validate:
+            _check_plain(definition.name, args, kwargs)
+        record = TaskRecord(
+            definition.name,
+            args,
+            kwargs,
+            priority=definition.priority if priority is None else validate_priority(priority),
+            queue=definition.queue,
+            key=definition.key_for(args, kwargs) if key is None else str(key),
+            timeout=definition.timeout if timeout is None else _seconds("timeout", timeout),
+            ttl=definition.ttl if ttl is None else _seconds("ttl", ttl),
+        )
+        if delay is not None or eta is not None:
+            record.eta = self._eta(delay, eta)
+        return record
+
+    def _eta(self, delay: float | None, eta: datetime.datetime | float | None) -> float:
+        if delay is not None and eta is not None:
+            raise ConfigurationError("eta", eta, "None when delay is given (pass one of them)")
+        if eta is not None:
+            if isinstance(eta, datetime.datetime):
+                if eta.tzinfo is None:
+                    raise ConfigurationError("eta", eta, "a timezone-aware datetime")
+                eta = eta.timestamp()
+            if isinstance(eta, bool) or not isinstance(eta, int | float):
+                raise ConfigurationError("eta", eta, "a datetime or a POSIX timestamp")
+            delay = max(0.0, eta - time.time())
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
+            raise ConfigurationError("delay", delay, "seconds >= 0")
+        return self.clock.now() + delay
+
+    async def submit_record(self, record: TaskRecord, *, block: bool = True) -> JobHandle[Any]:
+        """Queue a built record and return its handle."""
+        if self._state is ProcessorState.STOPPING or self._state is ProcessorState.CLOSED:
+            raise ProcessorClosed(
+                f"the processor is {self._state.value}; tasks can no longer be submitted"
+            )
+        await self.broker.enqueue(record, block=block)
+        return JobHandle(self, record)
+
+    async def submit(self, name: str, *args: Any, **kwargs: Any) -> JobHandle[Any]:
+        """Submit a task by its registered name; arguments and options as for `Task.submit`.
+
+        Raises:
+            UnknownTask: No task has that name.
+        """
+        definition = self._tasks.get(name)
+        if definition is None:
+            raise UnknownTask(name, tuple(self._tasks))
+        options = {k: kwargs.pop(k) for k in SUBMIT_OPTIONS & kwargs.keys()}
+        block = options.pop("block", True)
+        record = self.build_record(definition, args, kwargs, **options)
+        return await self.submit_record(record, block=block)
+
+    def call_threadsafe(self, coro: Awaitable[R]) -> concurrent.futures.Future[R]:
+        """Run a coroutine of this processor from another thread; returns a concurrent future.
+
+        Raises:
+            ProcessorClosed: The processor is not running.
+            RuntimeError: Called from the event loop's own thread (await instead).
+        """
+        loop = self._loop
+        if loop is None or self._state is not ProcessorState.RUNNING:
+            _close(coro)
+            raise ProcessorClosed("submit_threadsafe needs a running processor (inside run())")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            _close(coro)
+            raise RuntimeError(
+                "submit_threadsafe was called on the event loop's own thread, where blocking "
+                "on its result would deadlock; use 'await task.submit(...)' instead"
+            )
+        return asyncio.run_coroutine_threadsafe(_as_coroutine(coro), loop)
+
+    async def job(self, task_id: str) -> JobHandle[Any] | None:
+        """Return a handle for a known task id, or None."""
+        record = await self.broker.get(task_id)
+        return None if record is None else JobHandle(self, record)
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a task by id; see `JobHandle.cancel`."""
+        previous = await self.broker.cancel(task_id)
+        return previous is not None and not previous.is_final
+
+    # -- dead letters --------------------------------------------------------------
+
+    async def dead_letters(self) -> list[TaskRecord]:
+        """Return the dead-lettered tasks (with ``error`` and ``dead_letter_reason``)."""
+        return await self.broker.dead_letters()
+
+    async def requeue(self, task_id: str) -> JobHandle[Any]:
+        """Queue a dead-lettered task again with a fresh attempt count."""
+        return JobHandle(self, await self.broker.requeue_dead_letter(task_id))
+
+    async def purge_dead_letters(self) -> int:
+        """Delete all dead letters; return how many."""
+        return await self.broker.purge_dead_letters()
+
+    # -- running -------------------------------------------------------------------
+
+    @property
+    def state(self) -> ProcessorState:
+        """Where the processor is in its lifecycle."""
+        return self._state
+
+    @contextlib.asynccontextmanager
+    async def run(
+        self, workers: int | None = None, *, autoscale: Autoscale | None = None
+    ) -> AsyncIterator[TaskProcessor]:
+        """Run a worker pool for the duration of the ``async with`` block.
+
+        Workers are ready when the block is entered. Leaving the block shuts down
+        gracefully (see `shutdown`); an exception in the block shuts down at once.
+
+        Args:
+            workers: Pool size, the global concurrency limit (default 16, or the
+                autoscaler's minimum).
+            autoscale: An `Autoscale` policy to resize the pool with the backlog.
+        """
+        if autoscale is not None and not isinstance(autoscale, Autoscale):
+            raise ConfigurationError("autoscale", autoscale, "an Autoscale policy or None")
+        if workers is None:
+            workers = autoscale.min_workers if autoscale is not None else 16
+        check_workers(workers)
+        if self._state is not ProcessorState.NEW:
+            raise ProcessorClosed(
+                f"the processor is {self._state.value}; a TaskProcessor runs once: "
+                "create a new one to run again"
+            )
+        self._loop = asyncio.get_running_loop()
+        await self.broker.start()
+        executors = Executors(max_threads=self._max_threads, max_processes=self._max_processes)
+        pool = WorkerPool(
+            self.broker,
+            self._tasks,
+            workers=workers,
+            clock=self.clock,
+            on_error=self._on_error,
+            executors=executors,
+            grace=self._grace,
+        )
+        try:
+            async with pool:
+                self._pool = pool
+                if autoscale is not None:
+                    pool.spawn_service(
+                        run_autoscaler(pool, self.broker, autoscale, self.clock), "autoscaler"
+                    )
+                self._state = ProcessorState.RUNNING
+                try:
+                    yield self
+                finally:
+                    self._state = ProcessorState.STOPPING
+        finally:
+            self._state = ProcessorState.CLOSED
+            await self.broker.aclose()
+
+    def _running_pool(self) -> WorkerPool:
+        if self._pool is None or self._state is not ProcessorState.RUNNING:
+            raise ProcessorClosed(
+                f"the processor is {self._state.value}; call this inside 'async with app.run()'"
+            )
+        return self._pool
+
+    async def scale(self, workers: int) -> None:
+        """Resize the worker pool; see `WorkerPool.scale`."""
+        await self._running_pool().scale(workers)
+
+    async def join(self) -> None:
+        """Wait until no task is queued, scheduled or running."""
+        await self._running_pool().join()
+
+    async def shutdown(self, *, grace: float | None = None) -> ShutdownReport:
+        """Stop intake, drain for ``grace`` seconds, then interrupt what remains.
+
+        Called by the end of ``run()``; call it inside the block to choose the grace
+        or read the report. Safe to call twice.
+        """
+        pool = self._pool
+        if pool is None:
+            raise ProcessorClosed("the processor was never run")
+        self._state = ProcessorState.STOPPING
+        return await pool.shutdown(grace=grace)
+
+    def statistics(self) -> ProcessorStatistics:
+        """Return a snapshot of the processor, its queues and its workers."""
+        pool = self._pool.statistics() if self._pool is not None else None
+        return ProcessorStatistics(self._state, self.broker.statistics(), pool)
+
+    def __repr__(self) -> str:
+        pool = self._pool
+        workers = f" workers={pool.size} busy={pool.busy}" if pool is not None else ""
+        return f"<TaskProcessor {self._state.value} {self.broker.url}{workers}>"
+
+
+def _seconds(setting: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(setting, value, "seconds > 0")
+    return float(value)
+
+
+def _reject(obj: object) -> object:
+    raise TypeError(f"{type(obj).__name__} is not plain data")
+
+
+def _check_plain(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if not args and not kwargs:
+        return
+    try:
+        json.dumps((args, kwargs), default=_reject)
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"arguments of task {name!r} must be plain JSON data (str, int, float, bool, None, "
+            f"lists and dicts with str keys) to cross a broker: {exc}. Pass an id or a dict "
+            "instead, or create the processor with validate_payloads=False for in-memory use."
+        ) from None
+
+
+async def _as_coroutine(aw: Awaitable[R]) -> R:
+    return await aw
+
+
+def _close(aw: Awaitable[Any]) -> None:
+    close = getattr(aw, "close", None)
+    if close is not None:
+        close()

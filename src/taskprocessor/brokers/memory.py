@@ -1,0 +1,448 @@
+"""The in-memory broker: a priority heap with aging, delays, TTLs and backpressure.
+
+It is the default (``memory://``) and a first-class implementation: one process, no
+infrastructure, nothing to serialise. All methods run on the event loop's thread,
+so no lock is taken anywhere.
+
+Ordering: without aging, strictly by priority (higher first), FIFO among equals.
+With ``aging=s``, a waiting task gains one priority level per ``s`` seconds. That is
+the same as sorting by ``enqueued_at - priority * s`` — a key fixed at enqueue time, so
+aging costs nothing beyond the heap operation itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from typing import Any, final
+
+from taskprocessor.brokers.base import BrokerStatistics
+from taskprocessor.clock import Clock, LoopClock, Timer
+from taskprocessor.errors import (
+    ConfigurationError,
+    ProcessorClosed,
+    QueueFull,
+    TaskCancelled,
+    TaskError,
+    TaskExpired,
+)
+from taskprocessor.task import TaskRecord, TaskState
+
+__all__ = ["MemoryBroker"]
+
+logger = logging.getLogger(__name__)
+
+_QUEUED = TaskState.QUEUED
+_RUNNING = TaskState.RUNNING
+_SCHEDULED = TaskState.SCHEDULED
+
+# Compact the ready heap when this many cancelled/expired entries linger in it.
+_COMPACT_AFTER = 1024
+
+
+@final
+class MemoryBroker:
+    """Tasks in this process's memory; lost when it exits.
+
+    Args:
+        clock: The clock for delays, TTLs and aging.
+        capacity: Maximum queued + scheduled tasks; None for unbounded.
+        aging: Seconds of waiting that raise a task by one priority level; None for
+            strict priority.
+        result_ttl: Seconds a finished task stays findable by id with `get`; handles
+            keep their own task alive regardless. 0 keeps nothing (the lean default).
+        max_dead_letters: Bound on the dead-letter store; the oldest is dropped (and
+            logged) past it.
+    """
+
+    durable = False
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        capacity: int | None = None,
+        aging: float | None = None,
+        result_ttl: float = 0.0,
+        max_dead_letters: int = 10_000,
+    ) -> None:
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+            raise ConfigurationError("capacity", capacity, "a positive integer or None")
+        if aging is not None and not aging > 0:
+            raise ConfigurationError("aging", aging, "seconds > 0, or None for strict priority")
+        if not result_ttl >= 0:
+            raise ConfigurationError("result_ttl", result_ttl, "seconds >= 0")
+        if not isinstance(max_dead_letters, int) or max_dead_letters < 0:
+            raise ConfigurationError("max_dead_letters", max_dead_letters, "an integer >= 0")
+        self.url = "memory://"
+        self._clock = clock or LoopClock()
+        self._capacity = capacity
+        self._aging = aging
+        self._result_ttl = result_ttl
+        self._max_dead = max_dead_letters
+        self._seq = itertools.count()
+        self._ready: list[tuple[float, int, TaskRecord]] = []
+        self._stale = 0  # heap entries whose record left QUEUED while in the heap
+        self._delayed: list[tuple[float, int, TaskRecord]] = []
+        self._delay_timer: Timer | None = None
+        self._delay_timer_at = float("inf")
+        self._expiry_timers: dict[str, Timer] = {}
+        self._size = 0  # live queued + scheduled
+        self._scheduled = 0
+        self._tasks: dict[str, TaskRecord] = {}  # every non-final task
+        self._finished: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._dead: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._getters: deque[asyncio.Future[None]] = deque()
+        self._putters: deque[asyncio.Future[None]] = deque()
+        self._cancel_listeners: list[Callable[[str], None]] = []
+        self._running = 0
+        self._enqueued_total = 0
+        self._finished_total = 0
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the broker (again, after `aclose`)."""
+        self._closed = False
+
+    async def aclose(self) -> None:
+        """Stop timers and wake every waiter with `ProcessorClosed`. Safe to call twice."""
+        self._closed = True
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+            self._delay_timer = None
+            self._delay_timer_at = float("inf")
+        for timer in self._expiry_timers.values():
+            timer.cancel()
+        self._expiry_timers.clear()
+        for waiter in (*self._getters, *self._putters):
+            if not waiter.done():
+                waiter.set_exception(ProcessorClosed("the broker was closed"))
+        self._getters.clear()
+        self._putters.clear()
+
+    # -- submitting ----------------------------------------------------------------
+
+    async def enqueue(self, record: TaskRecord, *, block: bool = True) -> None:
+        """Accept a new task; wait for room (or raise `QueueFull`) when at capacity."""
+        if self._closed:
+            raise ProcessorClosed("the broker is closed; tasks can no longer be submitted")
+        capacity = self._capacity
+        if capacity is not None and self._size >= capacity:
+            if not block:
+                raise QueueFull(capacity)
+            await self._wait_for_room(capacity)
+        now = self._clock.now()
+        record.enqueued_at = now
+        self._size += 1
+        self._enqueued_total += 1
+        self._tasks[record.id] = record
+        if record.ttl is not None:
+            expires_at = record.expires_at = (record.eta or now) + record.ttl
+            self._expiry_timers[record.id] = self._clock.call_at(
+                expires_at, lambda: self._expire(record)
+            )
+        if record.eta is not None and record.eta > now:
+            self._schedule(record, record.eta)
+        else:
+            self._push_ready(record, now)
+
+    async def _wait_for_room(self, capacity: int) -> None:
+        loop = asyncio.get_running_loop()
+        while self._size >= capacity:
+            waiter = loop.create_future()
+            self._putters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(self._putters)  # pass the room on to the next producer
+                raise
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                if waiter in self._putters:
+                    self._putters.remove(waiter)
+
+    def _push_ready(self, record: TaskRecord, now: float) -> None:
+        record.state = _QUEUED
+        record.enqueued_at = now  # became ready: the start of its queue wait
+        aging = self._aging
+        key = -record.priority if aging is None else now - record.priority * aging
+        record.sort_key = key
+        record.seq = seq = next(self._seq)
+        heapq.heappush(self._ready, (key, seq, record))
+        if self._getters:
+            self._wake(self._getters)
+
+    def _schedule(self, record: TaskRecord, eta: float) -> None:
+        record.state = _SCHEDULED
+        self._scheduled += 1
+        record.eta = eta
+        heapq.heappush(self._delayed, (eta, next(self._seq), record))
+        if eta < self._delay_timer_at:
+            if self._delay_timer is not None:
+                self._delay_timer.cancel()
+            self._delay_timer_at = eta
+            self._delay_timer = self._clock.call_at(eta, self._on_delay_timer)
+
+    def _on_delay_timer(self) -> None:
+        self._delay_timer = None
+        self._delay_timer_at = float("inf")
+        self._promote_due(self._clock.now())
+        if self._delayed:
+            eta = self._delayed[0][0]
+            self._delay_timer_at = eta
+            self._delay_timer = self._clock.call_at(eta, self._on_delay_timer)
+
+    def _promote_due(self, now: float) -> None:
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            _, _, record = heapq.heappop(delayed)
+            if record.state is _SCHEDULED:
+                self._scheduled -= 1
+                self._push_ready(record, now)
+
+    @staticmethod
+    def _wake(waiters: deque[asyncio.Future[None]]) -> None:
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # -- the worker side -----------------------------------------------------------
+
+    async def reserve(self) -> TaskRecord:
+        """Wait for the best ready task and return it RUNNING; cancellation-safe."""
+        ready = self._ready
+        while True:
+            if self._closed:
+                raise ProcessorClosed("the broker was closed")
+            if self._delayed and self._delayed[0][0] <= self._clock.now():
+                self._promote_due(self._clock.now())
+            while ready:
+                record = heapq.heappop(ready)[2]
+                if record.state is _QUEUED:
+                    return self._take(record)
+                self._stale -= 1
+            waiter = asyncio.get_running_loop().create_future()
+            self._getters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(self._getters)  # the wake-up was meant for a task: pass it on
+                else:
+                    waiter.cancel()
+                    if waiter in self._getters:
+                        self._getters.remove(waiter)
+                raise
+
+    def _take(self, record: TaskRecord) -> TaskRecord:
+        record.state = _RUNNING
+        self._size -= 1
+        self._running += 1
+        if record.ttl is not None:
+            timer = self._expiry_timers.pop(record.id, None)
+            if timer is not None:
+                timer.cancel()
+        if self._putters:
+            self._wake(self._putters)
+        return record
+
+    async def release(self, record: TaskRecord) -> None:
+        """Put a reserved, unstarted task back exactly where it was in the queue."""
+        self._check_reserved(record)
+        self._running -= 1
+        self._size += 1
+        record.state = _QUEUED
+        heapq.heappush(self._ready, (record.sort_key, record.seq, record))
+        if self._getters:
+            self._wake(self._getters)
+
+    async def retry(self, record: TaskRecord, eta: float) -> None:
+        """Schedule a reserved task's next attempt; it queues behind its equals."""
+        self._check_reserved(record)
+        self._running -= 1
+        self._size += 1
+        now = self._clock.now()
+        if eta > now:
+            self._schedule(record, eta)
+        else:
+            self._push_ready(record, now)
+
+    async def ack(
+        self,
+        record: TaskRecord,
+        state: TaskState,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+        dead_letter: str | None = None,
+    ) -> None:
+        """Record a reserved task's final state and wake whoever awaits it."""
+        self._check_reserved(record)
+        self._running -= 1
+        self._finish(record, state, result, error)
+        if dead_letter is not None:
+            record.dead_letter_reason = dead_letter
+            self._store_dead(record)
+
+    def _check_reserved(self, record: TaskRecord) -> None:
+        if record.state is not _RUNNING:
+            raise ValueError(
+                f"task {record.id} is {record.state.value}, not running: only a reserved "
+                "task can be released, retried or acknowledged"
+            )
+
+    def _finish(
+        self, record: TaskRecord, state: TaskState, result: Any, error: BaseException | None
+    ) -> None:
+        record.state = state
+        record.result = result
+        record.error = error
+        record.finished_at = now = self._clock.now()
+        self._finished_total += 1
+        del self._tasks[record.id]
+        if self._result_ttl > 0:
+            finished = self._finished
+            finished[record.id] = record
+            horizon = now - self._result_ttl
+            while finished:
+                oldest = next(iter(finished.values()))
+                if oldest.finished_at is not None and oldest.finished_at > horizon:
+                    break
+                finished.popitem(last=False)
+        record.settle()
+
+    def _store_dead(self, record: TaskRecord) -> None:
+        if self._max_dead == 0:
+            logger.warning("dead letter %s dropped: max_dead_letters is 0", record.id)
+            return
+        self._dead[record.id] = record
+        if len(self._dead) > self._max_dead:
+            dropped_id, _ = self._dead.popitem(last=False)
+            logger.warning(
+                "dead-letter store over its bound of %d: dropped the oldest, %s",
+                self._max_dead,
+                dropped_id,
+            )
+
+    # -- cancellation and expiry ---------------------------------------------------
+
+    def on_cancel_running(self, listener: Callable[[str], None]) -> None:
+        """Register a callback told the id of each running task that gets cancelled."""
+        self._cancel_listeners.append(listener)
+
+    async def cancel(self, task_id: str) -> TaskState | None:
+        """Cancel a queued, scheduled or running task; return the state it was in."""
+        record = self._tasks.get(task_id)
+        if record is None:
+            finished = self._finished.get(task_id)
+            return finished.state if finished is not None else None
+        state = record.state
+        if state is _RUNNING:
+            for listener in self._cancel_listeners:
+                listener(task_id)
+        else:
+            error = TaskCancelled(task_id=record.id, task_name=record.name)
+            self._finish_waiting(record, TaskState.CANCELLED, error)
+        return state
+
+    def _expire(self, record: TaskRecord) -> None:
+        self._expiry_timers.pop(record.id, None)
+        if record.state is _QUEUED or record.state is _SCHEDULED:
+            ttl = record.ttl if record.ttl is not None else 0.0
+            error = TaskExpired(task_id=record.id, task_name=record.name, ttl=ttl)
+            self._finish_waiting(record, TaskState.EXPIRED, error)
+
+    async def depth(self) -> tuple[int, int]:
+        """Return ``(queued, scheduled)``."""
+        return self._size - self._scheduled, self._scheduled
+
+    async def cancel_all(self, reason: str) -> int:
+        """Cancel every queued and scheduled task, for a shutdown that drops them."""
+        waiting = [r for r in self._tasks.values() if r.state is _QUEUED or r.state is _SCHEDULED]
+        for record in waiting:
+            error = TaskCancelled(task_id=record.id, task_name=record.name, reason=reason)
+            self._finish_waiting(record, TaskState.CANCELLED, error)
+        return len(waiting)
+
+    def _finish_waiting(self, record: TaskRecord, state: TaskState, error: TaskError) -> None:
+        """Finish a queued or scheduled task; its heap entry stays behind, skipped as stale."""
+        if record.state is _QUEUED:
+            self._stale += 1
+        else:
+            self._scheduled -= 1
+        self._size -= 1
+        timer = self._expiry_timers.pop(record.id, None)
+        if timer is not None:
+            timer.cancel()
+        self._finish(record, state, None, error)
+        if self._stale > _COMPACT_AFTER and self._stale * 2 > len(self._ready):
+            self._ready = [entry for entry in self._ready if entry[2].state is _QUEUED]
+            heapq.heapify(self._ready)
+            self._stale = 0
+        if self._putters:
+            self._wake(self._putters)
+
+    # -- lookups and dead letters --------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """Return a task by id: any unfinished one, or a finished one within result_ttl."""
+        return self._tasks.get(task_id) or self._finished.get(task_id)
+
+    async def dead_letters(self) -> list[TaskRecord]:
+        """Return the dead letters, oldest first."""
+        return list(self._dead.values())
+
+    async def requeue_dead_letter(self, task_id: str) -> TaskRecord:
+        """Queue a dead letter again, attempts counted from zero."""
+        try:
+            record = self._dead.pop(task_id)
+        except KeyError:
+            raise KeyError(f"no dead letter has id {task_id!r}") from None
+        record.attempt = 0
+        record.error = None
+        record.result = None
+        record.dead_letter_reason = None
+        record.finished_at = None
+        record.eta = None
+        record.ttl = None
+        record.expires_at = None
+        record.reopen()
+        self._finished.pop(task_id, None)
+        await self.enqueue(record)
+        return record
+
+    async def purge_dead_letters(self) -> int:
+        """Forget every dead letter."""
+        count = len(self._dead)
+        self._dead.clear()
+        return count
+
+    def statistics(self) -> BrokerStatistics:
+        """Return queue depths and totals."""
+        by_priority = Counter(r.priority for _, _, r in self._ready if r.state is _QUEUED)
+        return BrokerStatistics(
+            queued=self._size - self._scheduled,
+            scheduled=self._scheduled,
+            running=self._running,
+            dead_letters=len(self._dead),
+            capacity=self._capacity,
+            queued_by_priority=dict(sorted(by_priority.items(), reverse=True)),
+            enqueued_total=self._enqueued_total,
+            finished_total=self._finished_total,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryBroker queued={self._size - self._scheduled} scheduled={self._scheduled} "
+            f"running={self._running} dead={len(self._dead)}>"
+        )

@@ -1,0 +1,1 @@
+"""The engine: worker pool, bulkheads, executors, error handling and autoscaling."""

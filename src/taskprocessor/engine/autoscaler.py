@@ -1,0 +1,119 @@
+"""Autoscaling: the policy (pure arithmetic) and the loop that applies it to a pool."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, final
+
+from taskprocessor.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from taskprocessor.brokers.base import Broker
+    from taskprocessor.clock import Clock
+    from taskprocessor.engine.pool import WorkerPool
+
+__all__ = ["Autoscale", "run_autoscaler"]
+
+logger = logging.getLogger(__name__)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Autoscale:
+    """When to add and remove workers.
+
+    Every ``interval`` seconds the pool scales **up** when the backlog exceeds
+    ``backlog_per_worker`` per worker, or when a task waited longer than
+    ``max_queue_wait`` before it started: by enough workers to cover the backlog,
+    at most to ``max_workers``. It scales **down** when nothing is queued and fewer
+    than half the workers are busy: halfway towards the busy count, at least to
+    ``min_workers``. A change in either direction waits for its cooldown since
+    the previous change, so the pool does not flap.
+
+    Args:
+        min_workers: Floor of the pool size (>= 1).
+        max_workers: Ceiling of the pool size (>= min_workers).
+        backlog_per_worker: Queued tasks per worker that count as pressure.
+        max_queue_wait: Seconds of queue wait that count as pressure, or None.
+        interval: Seconds between two evaluations.
+        up_cooldown: Seconds after any change before scaling up again.
+        down_cooldown: Seconds after any change before scaling down again.
+
+    Example:
+        >>> policy = Autoscale(min_workers=2, max_workers=10, backlog_per_worker=4)
+        >>> policy.desired(workers=2, busy=2, backlog=20, queue_wait=0.0, idle_for=60.0)
+        7
+    """
+
+    min_workers: int
+    max_workers: int
+    backlog_per_worker: float = 2.0
+    max_queue_wait: float | None = 1.0
+    interval: float = 1.0
+    up_cooldown: float = 2.0
+    down_cooldown: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_workers, int) or self.min_workers < 1:
+            raise ConfigurationError("min_workers", self.min_workers, "an integer >= 1")
+        if not isinstance(self.max_workers, int) or self.max_workers < self.min_workers:
+            raise ConfigurationError(
+                "max_workers",
+                self.max_workers,
+                f"an integer >= min_workers ({self.min_workers})",
+            )
+        if not self.backlog_per_worker > 0:
+            raise ConfigurationError("backlog_per_worker", self.backlog_per_worker, "a number > 0")
+        if self.max_queue_wait is not None and not self.max_queue_wait > 0:
+            raise ConfigurationError("max_queue_wait", self.max_queue_wait, "seconds > 0 or None")
+        for name in ("interval", "up_cooldown", "down_cooldown"):
+            value = getattr(self, name)
+            if not value >= 0 or (name == "interval" and value == 0):
+                raise ConfigurationError(name, value, "seconds > 0" if name == "interval" else ">= 0")
+
+    def desired(
+        self, *, workers: int, busy: int, backlog: int, queue_wait: float, idle_for: float
+    ) -> int:
+        """Return the pool size this policy wants now.
+
+        Args:
+            workers: Current pool size.
+            busy: Workers running a task.
+            backlog: Tasks ready but not started.
+            queue_wait: The longest queue wait of a task started since the last call.
+            idle_for: Seconds since the last change of size.
+        """
+        waited_too_long = self.max_queue_wait is not None and queue_wait > self.max_queue_wait
+        if backlog > workers * self.backlog_per_worker or (waited_too_long and backlog):
+            if idle_for < self.up_cooldown:
+                return workers
+            extra = max(1, math.ceil(backlog / self.backlog_per_worker) - workers)
+            return max(self.min_workers, min(self.max_workers, workers + extra))
+        if backlog == 0 and busy * 2 < workers:
+            if idle_for < self.down_cooldown:
+                return workers
+            return max(self.min_workers, busy + (workers - busy) // 2)
+        return max(self.min_workers, min(self.max_workers, workers))
+
+
+async def run_autoscaler(pool: WorkerPool, broker: Broker, policy: Autoscale, clock: Clock) -> None:
+    """Apply ``policy`` to ``pool`` every ``policy.interval`` seconds, until cancelled."""
+    last_change = clock.now()
+    while True:
+        await clock.sleep(policy.interval)
+        queued, _ = await broker.depth()
+        now = clock.now()
+        workers = pool.size
+        target = policy.desired(
+            workers=workers,
+            busy=pool.busy,
+            backlog=queued,
+            queue_wait=pool.take_max_queue_wait(),
+            idle_for=now - last_change,
+        )
+        if target != workers:
+            logger.info("autoscaler: %d -> %d workers (backlog %d)", workers, target, queued)
+            await pool.scale(target)
+            last_change = now

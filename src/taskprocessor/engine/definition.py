@@ -1,0 +1,159 @@
+"""A registered task type: its handler and the options that govern every run of it."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Final, final
+
+from taskprocessor.errors import ConfigurationError
+from taskprocessor.resilience.retry import RetryPolicy
+from taskprocessor.task import TaskContext, validate_priority
+
+__all__ = ["SUBMIT_OPTIONS", "TaskDefinition", "check_timeout"]
+
+# Keyword arguments of submit() that are options, not handler arguments. A handler
+# parameter with one of these names can still be passed through Task.apply(kwargs=...).
+SUBMIT_OPTIONS: Final = frozenset({"priority", "delay", "eta", "key", "ttl", "timeout", "block"})
+
+KeyFunction = Callable[..., str]
+
+
+def check_timeout(setting: str, value: float | None) -> float | None:
+    """Return ``value`` if it is None or seconds > 0, else raise `ConfigurationError`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(setting, value, "seconds > 0, or None for no limit")
+    return float(value)
+
+
+def _check_limit(setting: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(setting, value, "an integer >= 1, or None for no limit")
+    return value
+
+
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    params = list(inspect.signature(fn).parameters.values())
+    if not params:
+        return False
+    first = params[0]
+    if first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD):
+        return False
+    annotation = first.annotation
+    return first.name == "ctx" or annotation is TaskContext or annotation == "TaskContext"
+
+
+@final
+class TaskDefinition:
+    """A handler plus its options, as declared with ``@app.task``.
+
+    Attributes:
+        name: The registered name (by default ``module.qualname``).
+        fn: The handler: a coroutine function, or a plain function run in a thread or
+            process pool.
+        is_async: Whether ``fn`` is a coroutine function.
+        cpu_bound: Run a plain function in the process pool instead of the thread pool.
+        takes_context: Whether ``fn`` receives a `TaskContext` first.
+        priority: Default priority of submitted tasks.
+        timeout: Default run timeout per attempt in seconds, or None.
+        ttl: Default queue time-to-live in seconds, or None.
+        retry: The retry policy.
+        concurrency: At most this many running at once in this process, or None.
+        key_concurrency: At most this many running at once per key, or None.
+        key: Computes the concurrency key from the handler's arguments.
+        queue: The queue the tasks go to.
+    """
+
+    __slots__ = (
+        "concurrency",
+        "cpu_bound",
+        "fn",
+        "is_async",
+        "key",
+        "key_concurrency",
+        "name",
+        "priority",
+        "queue",
+        "retry",
+        "signature",
+        "takes_context",
+        "timeout",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        priority: object = 50,
+        timeout: float | None = None,
+        ttl: float | None = None,
+        retries: int = 0,
+        retry: RetryPolicy | None = None,
+        concurrency: int | None = None,
+        key_concurrency: int | None = None,
+        key: KeyFunction | None = None,
+        cpu_bound: bool = False,
+        queue: str = "default",
+    ) -> None:
+        if not callable(fn):
+            raise ConfigurationError("fn", fn, "a function or coroutine function")
+        self.fn = fn
+        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigurationError("name", name, "a non-empty string")
+        self.is_async = inspect.iscoroutinefunction(fn)
+        if cpu_bound and self.is_async:
+            raise ConfigurationError(
+                "cpu_bound", cpu_bound, "False for a coroutine function (only plain functions "
+                "can run in the process pool)"
+            )
+        self.cpu_bound = cpu_bound
+        self.takes_context = _takes_context(fn)
+        sig = inspect.signature(fn)
+        if self.takes_context:
+            params = list(sig.parameters.values())[1:]
+            sig = sig.replace(parameters=params)
+        self.signature = sig
+        self.priority = validate_priority(priority)
+        self.timeout = check_timeout("timeout", timeout)
+        self.ttl = check_timeout("ttl", ttl)
+        if retry is not None and retries:
+            raise ConfigurationError(
+                "retries", retries, "0 when retry= is given (set max_attempts on the policy)"
+            )
+        if retry is None:
+            if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+                raise ConfigurationError("retries", retries, "an integer >= 0")
+            retry = RetryPolicy(max_attempts=retries + 1)
+        self.retry = retry
+        self.concurrency = _check_limit("concurrency", concurrency)
+        self.key_concurrency = _check_limit("key_concurrency", key_concurrency)
+        if key is not None and not callable(key):
+            raise ConfigurationError("key", key, "a function of the task's arguments")
+        self.key = key
+        if not isinstance(queue, str) or not queue:
+            raise ConfigurationError("queue", queue, "a non-empty string")
+        self.queue = queue
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Check that the handler accepts these arguments, or raise `TypeError` naming the task."""
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task {self.name!r} called with bad arguments: {exc}") from None
+
+    def key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """Return the concurrency key of a submission, from the key function if any."""
+        if self.key is None:
+            return None
+        return str(self.key(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        kind = "async" if self.is_async else ("process" if self.cpu_bound else "thread")
+        return f"<TaskDefinition {self.name} {kind}>"

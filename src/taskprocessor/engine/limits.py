@@ -1,0 +1,89 @@
+"""Concurrency bulkheads: at most N running per task type and per (task type, key).
+
+A task that would pass a limit is parked, not run: its worker goes back to the queue
+at once, so other task types keep flowing. When a running task of the same type (or
+key) finishes, the best parked task is handed back to the broker in its original
+queue position and competes again on priority.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import final
+
+from taskprocessor.engine.definition import TaskDefinition
+from taskprocessor.task import TaskRecord
+
+__all__ = ["ConcurrencyLimits"]
+
+_Parked = list[tuple[float, int, TaskRecord]]
+
+
+@final
+class ConcurrencyLimits:
+    """Running counts per task type and per key, and the tasks parked behind them.
+
+    Only task types that declare ``concurrency`` or ``key_concurrency`` reach this
+    class; the others bypass it.
+    """
+
+    __slots__ = ("_active", "_parked")
+
+    def __init__(self) -> None:
+        # Keys: the task name for the per-type limit, (name, key) for a per-key limit.
+        self._active: dict[object, int] = {}
+        self._parked: dict[object, _Parked] = {}
+
+    @staticmethod
+    def _slots(definition: TaskDefinition, record: TaskRecord) -> list[tuple[object, int]]:
+        slots: list[tuple[object, int]] = []
+        if definition.concurrency is not None:
+            slots.append((definition.name, definition.concurrency))
+        if definition.key_concurrency is not None and record.key is not None:
+            slots.append(((definition.name, record.key), definition.key_concurrency))
+        return slots
+
+    def try_acquire(self, definition: TaskDefinition, record: TaskRecord) -> bool:
+        """Take a slot in every limit of the task, or park it behind the first full one."""
+        slots = self._slots(definition, record)
+        active = self._active
+        for limit_id, limit in slots:
+            if active.get(limit_id, 0) >= limit:
+                parked = self._parked.setdefault(limit_id, [])
+                heapq.heappush(parked, (record.sort_key, record.seq, record))
+                return False
+        for limit_id, _ in slots:
+            active[limit_id] = active.get(limit_id, 0) + 1
+        return True
+
+    def release(self, definition: TaskDefinition, record: TaskRecord) -> list[TaskRecord]:
+        """Free the task's slots; return the parked tasks that may now compete again."""
+        woken: list[TaskRecord] = []
+        active = self._active
+        for limit_id, _ in self._slots(definition, record):
+            count = active[limit_id] - 1
+            if count:
+                active[limit_id] = count
+            else:
+                del active[limit_id]
+            parked = self._parked.get(limit_id)
+            if parked:
+                woken.append(heapq.heappop(parked)[2])
+                if not parked:
+                    del self._parked[limit_id]
+        return woken
+
+    def take_parked(self) -> list[TaskRecord]:
+        """Remove and return every parked task (for shutdown, to hand them back)."""
+        records = [entry[2] for parked in self._parked.values() for entry in parked]
+        self._parked.clear()
+        return records
+
+    @property
+    def parked(self) -> int:
+        """How many tasks wait behind a full limit."""
+        return sum(len(p) for p in self._parked.values())
+
+    def running(self, limit_id: object) -> int:
+        """How many tasks hold a slot of ``limit_id`` (a task name or a (name, key) pair)."""
+        return self._active.get(limit_id, 0)

@@ -1,0 +1,633 @@
+"""The worker pool: long-lived worker coroutines that reserve, run and settle tasks.
+
+Each worker is one coroutine in the pool's task group that loops::
+
+    reserve (broker) -> bulkheads -> run the handler under its deadline -> ack / retry
+
+Coroutine handlers are awaited by the worker itself (no task per job). To interrupt
+one (timeout, cancel, shutdown) the pool cancels the worker's task and the worker
+takes the cancellation back with ``Task.uncancel()``, the mechanism behind
+`asyncio.timeout`; a cancellation it did not ask for still propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final, final
+
+from taskprocessor.brokers.base import Broker
+from taskprocessor.clock import Clock, clock_timeout
+from taskprocessor.engine.definition import TaskDefinition
+from taskprocessor.engine.executors import Executors
+from taskprocessor.engine.failures import Action, Decision, ErrorHandler, Failure
+from taskprocessor.engine.limits import ConcurrencyLimits
+from taskprocessor.errors import (
+    BrokerError,
+    ConfigurationError,
+    ProcessorClosed,
+    TaskCancelled,
+    TaskExpired,
+    TaskTimeout,
+    UnknownTask,
+)
+from taskprocessor.task import TaskContext, TaskRecord, TaskState
+
+__all__ = ["PoolState", "PoolStatistics", "ShutdownReport", "WorkerPool"]
+
+logger = logging.getLogger(__name__)
+
+# Why a running attempt was interrupted; also the words of TaskContext.cancel_reason.
+_CANCELLED: Final = "cancelled"
+_TIMED_OUT: Final = "timed out"
+_SHUT_DOWN: Final = "shut down"
+
+# How long shutdown waits for interrupted handlers to return before giving up on them.
+_HARD_STOP: Final = 5.0
+# Backoff after a broker error in the worker loop.
+_BROKER_BACKOFF: Final = 1.0
+
+
+class PoolState(enum.Enum):
+    """Lifecycle of a `WorkerPool`."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A snapshot of the pool's workers and of what they finished.
+
+    Attributes:
+        workers: Workers that take new tasks.
+        busy: Workers running (or settling) a task.
+        retiring: Workers finishing their last task before they exit.
+        parked: Reserved tasks waiting behind a full concurrency limit.
+        threads_abandoned: Interrupted plain-function calls still running in a thread.
+        succeeded: Tasks that returned.
+        failed: Tasks that ended failed (retries exhausted or not retried).
+        timed_out: Tasks whose last attempt timed out.
+        cancelled: Running tasks that were cancelled.
+        expired: Tasks found past their queue TTL when reserved.
+        retried: Attempts that were scheduled again.
+        dead_lettered: Tasks put in the dead-letter store.
+    """
+
+    workers: int
+    busy: int
+    retiring: int
+    parked: int
+    threads_abandoned: int
+    succeeded: int
+    failed: int
+    timed_out: int
+    cancelled: int
+    expired: int
+    retried: int
+    dead_lettered: int
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ShutdownReport:
+    """What a shutdown did.
+
+    Attributes:
+        drained: Whether all work finished within the grace period.
+        interrupted: Running tasks interrupted at the end of the grace period.
+        cancelled: Queued and scheduled tasks cancelled (in-memory broker).
+        handed_back: Reserved tasks handed back to a durable broker.
+    """
+
+    drained: bool
+    interrupted: int
+    cancelled: int
+    handed_back: int
+
+
+@final
+class _Worker:
+    __slots__ = ("busy", "cancel_sent", "ctx", "id", "interrupt", "retiring", "task")
+
+    def __init__(self, worker_id: int) -> None:
+        self.id = worker_id
+        self.task: asyncio.Task[None] | None = None
+        self.busy = False
+        self.retiring = False
+        self.ctx: TaskContext | None = None
+        self.interrupt: str | None = None
+        self.cancel_sent = False
+
+
+@final
+class WorkerPool:
+    """A resizable pool of worker coroutines serving one broker.
+
+    Enter it with ``async with``; it runs its workers (and the autoscaler, when one
+    is given) in its own task group, and shuts down gracefully on exit.
+
+    Args:
+        broker: Where tasks come from.
+        registry: Task definitions by name; a task with another name is dead-lettered.
+        workers: Initial number of workers: the global concurrency limit.
+        clock: Time source for deadlines and backoff.
+        on_error: The central error handler, or None for the retry policies alone.
+        executors: Thread and process pools for plain-function handlers.
+        grace: Default seconds that shutdown lets running work finish.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        registry: Mapping[str, TaskDefinition],
+        *,
+        workers: int,
+        clock: Clock,
+        on_error: ErrorHandler | None = None,
+        executors: Executors | None = None,
+        grace: float = 10.0,
+    ) -> None:
+        check_workers(workers)
+        self._broker = broker
+        self._registry = registry
+        self._initial = workers
+        self._clock = clock
+        self._on_error = on_error
+        self._executors = executors or Executors()
+        self._grace = grace
+        self._state = PoolState.NEW
+        self._stack = contextlib.AsyncExitStack()
+        self._tg: asyncio.TaskGroup | None = None
+        self._ids = itertools.count(1)
+        self._workers: dict[int, _Worker] = {}
+        self._running: dict[str, _Worker] = {}
+        self._limits = ConcurrencyLimits()
+        self._busy = 0
+        self._max_queue_wait = 0.0
+        self._watching = False  # set while shutdown waits on transitions
+        self._changed = asyncio.Event()
+        self._all_exited = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._report: ShutdownReport | None = None
+        self._services: list[asyncio.Task[Any]] = []
+        self._counts = dict.fromkeys(
+            (
+                "succeeded",
+                "failed",
+                "timed_out",
+                "cancelled",
+                "expired",
+                "retried",
+                "dead_lettered",
+            ),
+            0,
+        )
+        broker.on_cancel_running(self._on_cancel_running)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def state(self) -> PoolState:
+        """Where the pool is in its lifecycle."""
+        return self._state
+
+    async def __aenter__(self) -> WorkerPool:
+        if self._state is not PoolState.NEW:
+            raise ProcessorClosed(
+                f"a WorkerPool runs once; this one is {self._state.value}: create a new pool"
+            )
+        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._state = PoolState.RUNNING
+        self._spawn(self._initial)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        try:
+            if self._state is PoolState.RUNNING:
+                # On an error in the body, do not linger: interrupt and cancel at once.
+                await self.shutdown(grace=self._grace if exc_type is None else 0.0)
+        finally:
+            await self._stack.__aexit__(exc_type, exc, tb)
+
+    def spawn_service(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run a background loop (the autoscaler, ...) in the pool's task group."""
+        if self._tg is None or self._state is not PoolState.RUNNING:
+            coro.close()
+            raise ProcessorClosed("the pool is not running")
+        task = self._tg.create_task(coro, name=name)
+        self._services.append(task)
+        return task
+
+    def _spawn(self, count: int) -> None:
+        assert self._tg is not None  # noqa: S101 - only called while running
+        for _ in range(count):
+            worker = _Worker(next(self._ids))
+            self._workers[worker.id] = worker
+            self._all_exited.clear()
+            worker.task = self._tg.create_task(
+                self._work(worker), name=f"taskprocessor-worker-{worker.id}"
+            )
+
+    async def scale(self, workers: int) -> None:
+        """Resize the pool to ``workers`` without dropping or interrupting any task.
+
+        Growing starts new workers at once. Shrinking retires idle workers first
+        (they are waiting for a task, so nothing is lost) and then the newest busy
+        ones, which finish their current task before they exit.
+        """
+        check_workers(workers)
+        if self._state is not PoolState.RUNNING:
+            raise ProcessorClosed(f"cannot scale a pool that is {self._state.value}")
+        active = [w for w in self._workers.values() if not w.retiring]
+        if workers > len(active):
+            self._spawn(workers - len(active))
+            logger.info("scaled up from %d to %d workers", len(active), workers)
+            return
+        excess = len(active) - workers
+        if not excess:
+            return
+        # Idle workers first, then the most recently started busy ones.
+        for worker in sorted(active, key=lambda w: (w.busy, -w.id))[:excess]:
+            self._retire(worker)
+        logger.info("scaled down from %d to %d workers", len(active), workers)
+
+    def _retire(self, worker: _Worker) -> None:
+        worker.retiring = True
+        if not worker.busy and worker.task is not None:
+            worker.task.cancel()  # it waits in reserve(), which is cancellation-safe
+
+    async def shutdown(self, *, grace: float | None = None) -> ShutdownReport:
+        """Stop in three phases: stop intake, drain for ``grace`` seconds, then interrupt.
+
+        With the in-memory broker, draining runs the queue until it is empty; what
+        is still queued at the deadline is cancelled. With a durable broker, workers
+        stop reserving at once and reserved-but-unstarted tasks are handed back.
+        Safe to call twice: a second call waits for the first and returns its report.
+        """
+        if self._state is not PoolState.RUNNING:
+            if self._state is PoolState.NEW:
+                raise ProcessorClosed("the pool was never started")
+            await self._closed.wait()
+            assert self._report is not None  # noqa: S101 - set before _closed
+            return self._report
+        self._state = PoolState.STOPPING
+        for service in self._services:
+            service.cancel()
+        grace = self._grace if grace is None else grace
+        durable = self._broker.durable
+        if durable:
+            for worker in list(self._workers.values()):
+                self._retire(worker)
+        drained = await self._drain(grace, durable)
+        interrupted = 0
+        for worker in list(self._workers.values()):
+            worker.retiring = True
+            if worker.busy and worker.ctx is not None:
+                interrupted += 1
+                self._interrupt(worker, _SHUT_DOWN)
+            elif not worker.busy and worker.task is not None:
+                worker.task.cancel()
+        await self._wait_exited()
+        handed_back = 0
+        for record in self._limits.take_parked():
+            await self._broker.release(record)
+            handed_back += durable
+        cancelled = 0 if durable else await self._broker.cancel_all(_SHUT_DOWN)
+        self._executors.shutdown()
+        self._report = ShutdownReport(drained, interrupted, cancelled, handed_back)
+        self._state = PoolState.CLOSED
+        self._closed.set()
+        if not drained or interrupted or cancelled:
+            logger.warning(
+                "shutdown after %gs grace: %d running task(s) interrupted, %d queued task(s) "
+                "cancelled, %d handed back",
+                grace,
+                interrupted,
+                cancelled,
+                handed_back,
+            )
+        return self._report
+
+    async def join(self) -> None:
+        """Wait until nothing is queued, scheduled or running (burst mode for scripts and tests)."""
+        if self._state is not PoolState.RUNNING:
+            raise ProcessorClosed(f"cannot join a pool that is {self._state.value}")
+        await self._drain(None, durable=False)
+
+    async def _drain(self, grace: float | None, durable: bool) -> bool:
+        """Wait until no work is left (or, for a durable broker, no task is running)."""
+        self._watching = True
+        try:
+            async with clock_timeout(self._clock, grace):
+                while True:
+                    if not self._busy and (durable or not sum(await self._broker.depth())):
+                        return True
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._watching = False
+
+    async def _wait_exited(self) -> None:
+        if not self._workers:
+            return
+        try:
+            async with clock_timeout(self._clock, _HARD_STOP):
+                await self._all_exited.wait()
+        except TimeoutError:
+            stuck = [w.ctx.task_id for w in self._workers.values() if w.ctx is not None]
+            logger.error(  # noqa: TRY400 - the timeout is ours, its traceback says nothing
+                "%d worker(s) did not stop within %gs of being interrupted; their handlers "
+                "ignore cancellation (tasks %s). Cancelling them once more.",
+                len(self._workers),
+                _HARD_STOP,
+                ", ".join(stuck) or "-",
+            )
+            for worker in self._workers.values():
+                if worker.task is not None:
+                    worker.task.cancel()
+
+    # -- the worker loop -----------------------------------------------------------
+
+    async def _work(self, worker: _Worker) -> None:
+        broker = self._broker
+        try:
+            while not worker.retiring:
+                try:
+                    record = await broker.reserve()
+                except ProcessorClosed:
+                    return
+                except BrokerError:
+                    logger.exception("worker %d could not reserve a task; backing off", worker.id)
+                    await self._clock.sleep(_BROKER_BACKOFF)
+                    continue
+                worker.busy = True
+                self._busy += 1
+                if self._watching:
+                    self._changed.set()
+                try:
+                    await self._handle(worker, record)
+                finally:
+                    worker.busy = False
+                    self._busy -= 1
+                    if self._watching:
+                        self._changed.set()
+        finally:
+            del self._workers[worker.id]
+            if not self._workers:
+                self._all_exited.set()
+
+    async def _handle(self, worker: _Worker, record: TaskRecord) -> None:
+        definition = self._registry.get(record.name)
+        if definition is None:
+            await self._settle_unknown(record)
+            return
+        limited = definition.concurrency is not None or definition.key_concurrency is not None
+        if limited and not self._limits.try_acquire(definition, record):
+            return  # parked; handed back when a slot frees
+        try:
+            await self._execute(worker, record, definition)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug in settling (never in the handler: its errors are outcomes). Make
+            # sure the task still reaches a final state rather than hang its waiters.
+            logger.exception("internal error while settling task %s", record.id)
+            if record.state is TaskState.RUNNING:
+                await self._broker.ack(record, TaskState.FAILED, error=RuntimeError("internal"))
+        finally:
+            if limited:
+                for woken in self._limits.release(definition, record):
+                    await self._broker.release(woken)
+
+    async def _settle_unknown(self, record: TaskRecord) -> None:
+        error = UnknownTask(record.name, tuple(self._registry))
+        logger.error("task %s names an unknown task type: %s", record.id, error)
+        self._counts["failed"] += 1
+        self._counts["dead_lettered"] += 1
+        await self._broker.ack(record, TaskState.FAILED, error=error, dead_letter=str(error))
+
+    async def _execute(self, worker: _Worker, record: TaskRecord, definition: TaskDefinition) -> None:
+        broker = self._broker
+        clock = self._clock
+        now = clock.now()
+        if record.attempt == 0 and record.expires_at is not None and now >= record.expires_at:
+            self._counts["expired"] += 1
+            ttl = record.ttl or 0.0
+            error = TaskExpired(task_id=record.id, task_name=record.name, ttl=ttl)
+            await broker.ack(record, TaskState.EXPIRED, error=error)
+            return
+        record.attempt += 1
+        record.started_at = now
+        if now - record.enqueued_at > self._max_queue_wait:
+            self._max_queue_wait = now - record.enqueued_at
+        timeout = record.timeout
+        deadline = None if timeout is None else now + timeout
+        ctx = TaskContext(
+            record, max_attempts=definition.retry.max_attempts, deadline=deadline, clock=clock
+        )
+        worker.ctx = ctx
+        self._running[record.id] = worker
+        timer = None
+        if deadline is not None:
+            timer = clock.call_at(deadline, partial(self._interrupt, worker, _TIMED_OUT))
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            if not definition.is_async:
+                result = await self._executors.run(definition, ctx, record)
+            elif definition.takes_context:
+                result = await definition.fn(ctx, *record.args, **record.kwargs)
+            else:
+                result = await definition.fn(*record.args, **record.kwargs)
+        except asyncio.CancelledError:
+            if not self._take_back_interrupt(worker):
+                await self._settle_outer_cancel(record)
+                raise
+        except Exception as exc:
+            error = exc
+            self._take_back_interrupt(worker)
+        else:
+            self._take_back_interrupt(worker)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            del self._running[record.id]
+            worker.ctx = None
+        reason = ctx.cancel_reason
+        if reason is None and error is None:
+            self._counts["succeeded"] += 1
+            await broker.ack(record, TaskState.SUCCEEDED, result=result)
+        elif reason == _CANCELLED or (reason == _SHUT_DOWN and not broker.durable):
+            self._counts["cancelled"] += 1
+            cancelled = TaskCancelled(task_id=record.id, task_name=record.name, reason=reason)
+            await broker.ack(record, TaskState.CANCELLED, error=cancelled)
+        elif reason == _SHUT_DOWN:
+            await broker.retry(record, clock.now())  # at-least-once: run it again elsewhere
+        else:
+            if reason == _TIMED_OUT:
+                error = TaskTimeout(task_id=record.id, task_name=record.name, timeout=timeout or 0)
+            assert error is not None  # noqa: S101 - no reason and no error is success
+            await self._settle_failure(record, definition, error)
+
+    def _take_back_interrupt(self, worker: _Worker) -> bool:
+        """Balance the cancel() an interrupt sent; return False if another cancel is pending."""
+        if worker.interrupt is None:
+            return False
+        worker.interrupt = None
+        if worker.cancel_sent:
+            worker.cancel_sent = False
+            assert worker.task is not None  # noqa: S101 - a running worker has its task
+            return worker.task.uncancel() == 0
+        return True
+
+    async def _settle_outer_cancel(self, record: TaskRecord) -> None:
+        """The worker itself is being cancelled mid-task: leave the task in a final or safe state."""
+        if self._broker.durable:
+            await self._broker.retry(record, self._clock.now())
+        else:
+            self._counts["cancelled"] += 1
+            error = TaskCancelled(task_id=record.id, task_name=record.name, reason=_SHUT_DOWN)
+            await self._broker.ack(record, TaskState.CANCELLED, error=error)
+
+    async def _settle_failure(
+        self, record: TaskRecord, definition: TaskDefinition, error: BaseException
+    ) -> None:
+        decision = self._decide(record, definition, error)
+        extra = {"task_id": record.id, "task_name": record.name, "attempt": record.attempt}
+        if decision.action is Action.RETRY:
+            self._counts["retried"] += 1
+            logger.info(
+                "task %s (%s) attempt %d failed with %r; retrying in %.3gs",
+                record.name,
+                record.id,
+                record.attempt,
+                error,
+                decision.delay,
+                extra=extra,
+            )
+            await self._broker.retry(record, self._clock.now() + decision.delay)
+            return
+        timed_out = isinstance(error, TaskTimeout)
+        self._counts["timed_out" if timed_out else "failed"] += 1
+        dead_letter = None
+        if decision.action is Action.DEAD_LETTER:
+            self._counts["dead_lettered"] += 1
+            dead_letter = decision.reason or f"{type(error).__name__}: {error}"
+        logger.warning(
+            "task %s (%s) failed after %d attempt(s): %r%s",
+            record.name,
+            record.id,
+            record.attempt,
+            error,
+            "; dead-lettered" if dead_letter is not None else "",
+            extra=extra,
+        )
+        state = TaskState.TIMED_OUT if timed_out else TaskState.FAILED
+        await self._broker.ack(record, state, error=error, dead_letter=dead_letter)
+
+    def _decide(
+        self, record: TaskRecord, definition: TaskDefinition, error: BaseException
+    ) -> Decision:
+        policy = definition.retry
+        if policy.should_retry(error, attempt=record.attempt):
+            default = Decision.retry(policy.delay(record.attempt))
+        else:
+            default = Decision.dead_letter()
+        handler = self._on_error
+        if handler is None:
+            return default
+        try:
+            decision = handler(Failure(record, definition, error, default))
+        except Exception:
+            logger.exception("the error handler raised; using the default decision")
+            return default
+        if decision is None:
+            return default
+        if not isinstance(decision, Decision):
+            logger.error(
+                "the error handler returned %r, not a Decision or None; using the default",
+                decision,
+            )
+            return default
+        return decision
+
+    # -- interrupts ----------------------------------------------------------------
+
+    def _interrupt(self, worker: _Worker, reason: str) -> None:
+        """Stop the attempt ``worker`` is running, for ``reason``."""
+        ctx = worker.ctx
+        if ctx is None or worker.interrupt is not None:
+            return
+        worker.interrupt = reason
+        ctx._interrupt(reason)  # noqa: SLF001 - the pool owns the context it made
+        task = worker.task
+        # A handler cancelling its own task finds out through ctx; a cancel() of the
+        # running task would only surface at the worker's next await, after the handler.
+        if task is not None and task is not asyncio.current_task():
+            worker.cancel_sent = True
+            task.cancel()
+
+    def _on_cancel_running(self, task_id: str) -> None:
+        worker = self._running.get(task_id)
+        if worker is not None:
+            self._interrupt(worker, _CANCELLED)
+
+    # -- introspection -------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Workers that take new tasks (retiring ones excluded)."""
+        return sum(1 for w in self._workers.values() if not w.retiring)
+
+    @property
+    def busy(self) -> int:
+        """Workers running a task."""
+        return self._busy
+
+    def take_max_queue_wait(self) -> float:
+        """Return the longest queue wait of a task started since the last call, and reset it."""
+        wait, self._max_queue_wait = self._max_queue_wait, 0.0
+        return wait
+
+    def running_of(self, limit_id: object) -> int:
+        """Running tasks holding a slot of a concurrency limit (a task name, or (name, key))."""
+        return self._limits.running(limit_id)
+
+    def statistics(self) -> PoolStatistics:
+        """Return a snapshot of workers and outcome counts."""
+        retiring = sum(1 for w in self._workers.values() if w.retiring)
+        return PoolStatistics(
+            workers=len(self._workers) - retiring,
+            busy=self._busy,
+            retiring=retiring,
+            parked=self._limits.parked,
+            threads_abandoned=self._executors.abandoned,
+            **self._counts,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerPool {self._state.value} workers={self.size} busy={self._busy} "
+            f"parked={self._limits.parked}>"
+        )
+
+
+def check_workers(workers: object) -> int:
+    """Return ``workers`` if it is a valid pool size, else raise `ConfigurationError`."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigurationError("workers", workers, "an integer >= 1")
+    return workers
