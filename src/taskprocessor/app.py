@@ -176,6 +176,7 @@ class Task(Generic[R]):
         return self.definition.name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the handler directly, in this task, with no queue in between."""
         return self.definition.fn(*args, **kwargs)
 
     async def submit(
@@ -238,7 +239,9 @@ class Task(Generic[R]):
         record = self._app.build_record(self.definition, tuple(args), dict(kwargs or {}), **options)
         return await self._app.submit_record(record, block=block)
 
-    def submit_threadsafe(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[JobHandle[R]]:
+    def submit_threadsafe(
+        self, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[JobHandle[R]]:
         """`submit` from a thread other than the event loop's; returns a concurrent future."""
         return self._app.call_threadsafe(self.submit(*args, **kwargs))
 
@@ -343,7 +346,7 @@ class TaskProcessor:
         queue: str = "default",
     ) -> _TaskDecorator: ...
 
-    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    def task(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
         """Register a handler as a task type; use bare or with options.
 
         Args:

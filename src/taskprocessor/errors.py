@@ -14,7 +14,7 @@ keeps working in code that does not know this library::
     ├── BrokerError
     │   ├── BrokerUnavailable (ConnectionError)
     │   └── PayloadError (ValueError)       arguments or results that cannot cross a broker
-    └── TaskError                           a task ended without a result; carries task_id, task_name
+    └── TaskError                           a task ended without a result (task_id, task_name)
         ├── TaskFailed                      the handler raised (remote form of the exception)
         ├── TaskTimeout (TimeoutError)      the run timeout passed
         ├── TaskCancelled                   cancelled before or while running

@@ -47,9 +47,12 @@ def validate_priority(value: object) -> int:
             return int(Priority[value.upper()])
         except KeyError:
             pass
-    elif isinstance(value, int) and not isinstance(value, bool):
-        if MIN_PRIORITY <= value <= MAX_PRIORITY:
-            return int(value)
+    elif (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and MIN_PRIORITY <= value <= MAX_PRIORITY
+    ):
+        return int(value)
     names = ", ".join(p.name.lower() for p in Priority)
     raise ConfigurationError(
         "priority", value, f"an integer from {MIN_PRIORITY} to {MAX_PRIORITY} or one of {names}"

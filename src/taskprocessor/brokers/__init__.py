@@ -35,4 +35,4 @@ def open_broker(
     scheme = urlsplit(url).scheme if isinstance(url, str) else None
     if scheme == "memory":
         return MemoryBroker(clock=clock, capacity=capacity, aging=aging, result_ttl=result_ttl)
-    raise ConfigurationError("broker", url, "a broker URL such as 'memory://', or a Broker instance")
+    raise ConfigurationError("broker", url, "a broker URL such as 'memory://', or a Broker")

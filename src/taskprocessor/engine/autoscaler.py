@@ -68,10 +68,12 @@ class Autoscale:
             raise ConfigurationError("backlog_per_worker", self.backlog_per_worker, "a number > 0")
         if self.max_queue_wait is not None and not self.max_queue_wait > 0:
             raise ConfigurationError("max_queue_wait", self.max_queue_wait, "seconds > 0 or None")
-        for name in ("interval", "up_cooldown", "down_cooldown"):
+        if not self.interval > 0:
+            raise ConfigurationError("interval", self.interval, "seconds > 0")
+        for name in ("up_cooldown", "down_cooldown"):
             value = getattr(self, name)
-            if not value >= 0 or (name == "interval" and value == 0):
-                raise ConfigurationError(name, value, "seconds > 0" if name == "interval" else ">= 0")
+            if not value >= 0:
+                raise ConfigurationError(name, value, "seconds >= 0")
 
     def desired(
         self, *, workers: int, busy: int, backlog: int, queue_wait: float, idle_for: float

@@ -104,14 +104,20 @@ class TaskDefinition:
         if not callable(fn):
             raise ConfigurationError("fn", fn, "a function or coroutine function")
         self.fn = fn
-        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        if name is None:
+            # Callable objects and partials have no __qualname__ of their own.
+            qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+            module = getattr(fn, "__module__", None) or type(fn).__module__
+            name = f"{module}.{qualname}"
+        self.name = name
         if not isinstance(self.name, str) or not self.name:
             raise ConfigurationError("name", name, "a non-empty string")
         self.is_async = inspect.iscoroutinefunction(fn)
         if cpu_bound and self.is_async:
             raise ConfigurationError(
-                "cpu_bound", cpu_bound, "False for a coroutine function (only plain functions "
-                "can run in the process pool)"
+                "cpu_bound",
+                cpu_bound,
+                "False for a coroutine function (only plain functions can run in the process pool)",
             )
         self.cpu_bound = cpu_bound
         self.takes_context = _takes_context(fn)
@@ -127,6 +133,8 @@ class TaskDefinition:
             raise ConfigurationError(
                 "retries", retries, "0 when retry= is given (set max_attempts on the policy)"
             )
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError("retry", retry, "a RetryPolicy, or None to use retries=")
         if retry is None:
             if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
                 raise ConfigurationError("retries", retries, "an integer >= 0")

@@ -136,7 +136,7 @@ class Executors:
                     ctx.max_attempts,
                     ctx.priority,
                     ctx.key,
-                    ctx.deadline if isinstance(ctx._clock, LoopClock) else None,  # noqa: SLF001
+                    ctx.deadline if isinstance(ctx._clock, LoopClock) else None,
                 )
             call: Callable[[], Any] = partial(
                 _run_in_process, fn.__module__, fn.__qualname__, context, record.args, record.kwargs

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from types import TracebackType
 from typing import Any, Final, final
 
 from taskprocessor.brokers.base import Broker
@@ -174,7 +175,7 @@ class WorkerPool:
         self._limits = ConcurrencyLimits()
         self._busy = 0
         self._max_queue_wait = 0.0
-        self._watching = False  # set while shutdown waits on transitions
+        self._watching = 0  # how many drains (join, shutdown) wait on transitions
         self._changed = asyncio.Event()
         self._all_exited = asyncio.Event()
         self._closed = asyncio.Event()
@@ -212,7 +213,10 @@ class WorkerPool:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         try:
             if self._state is PoolState.RUNNING:
@@ -328,7 +332,7 @@ class WorkerPool:
 
     async def _drain(self, grace: float | None, durable: bool) -> bool:
         """Wait until no work is left (or, for a durable broker, no task is running)."""
-        self._watching = True
+        self._watching += 1
         try:
             async with clock_timeout(self._clock, grace):
                 while True:
@@ -339,7 +343,7 @@ class WorkerPool:
         except TimeoutError:
             return False
         finally:
-            self._watching = False
+            self._watching -= 1
 
     async def _wait_exited(self) -> None:
         if not self._workers:
@@ -420,32 +424,34 @@ class WorkerPool:
         self._counts["dead_lettered"] += 1
         await self._broker.ack(record, TaskState.FAILED, error=error, dead_letter=str(error))
 
-    async def _execute(self, worker: _Worker, record: TaskRecord, definition: TaskDefinition) -> None:
-        broker = self._broker
-        clock = self._clock
-        now = clock.now()
+    async def _execute(
+        self, worker: _Worker, record: TaskRecord, definition: TaskDefinition
+    ) -> None:
+        now = self._clock.now()
         if record.attempt == 0 and record.expires_at is not None and now >= record.expires_at:
             self._counts["expired"] += 1
-            ttl = record.ttl or 0.0
-            error = TaskExpired(task_id=record.id, task_name=record.name, ttl=ttl)
-            await broker.ack(record, TaskState.EXPIRED, error=error)
+            expired = TaskExpired(task_id=record.id, task_name=record.name, ttl=record.ttl or 0.0)
+            await self._broker.ack(record, TaskState.EXPIRED, error=expired)
             return
         record.attempt += 1
         record.started_at = now
-        if now - record.enqueued_at > self._max_queue_wait:
-            self._max_queue_wait = now - record.enqueued_at
-        timeout = record.timeout
-        deadline = None if timeout is None else now + timeout
+        self._max_queue_wait = max(self._max_queue_wait, now - record.enqueued_at)
+        deadline = None if record.timeout is None else now + record.timeout
         ctx = TaskContext(
-            record, max_attempts=definition.retry.max_attempts, deadline=deadline, clock=clock
+            record, max_attempts=definition.retry.max_attempts, deadline=deadline, clock=self._clock
         )
+        result, error = await self._run_handler(worker, record, definition, ctx)
+        await self._settle(record, definition, ctx.cancel_reason, result, error)
+
+    async def _run_handler(
+        self, worker: _Worker, record: TaskRecord, definition: TaskDefinition, ctx: TaskContext
+    ) -> tuple[Any, Exception | None]:
+        """Await the handler under its deadline; return its result or its exception."""
         worker.ctx = ctx
         self._running[record.id] = worker
         timer = None
-        if deadline is not None:
-            timer = clock.call_at(deadline, partial(self._interrupt, worker, _TIMED_OUT))
-        result: Any = None
-        error: BaseException | None = None
+        if ctx.deadline is not None:
+            timer = self._clock.call_at(ctx.deadline, partial(self._interrupt, worker, _TIMED_OUT))
         try:
             if not definition.is_async:
                 result = await self._executors.run(definition, ctx, record)
@@ -457,17 +463,29 @@ class WorkerPool:
             if not self._take_back_interrupt(worker):
                 await self._settle_outer_cancel(record)
                 raise
-        except Exception as exc:
-            error = exc
+            return None, None
+        except Exception as exc:  # noqa: BLE001 - a handler's error is an outcome, not a crash
             self._take_back_interrupt(worker)
+            return None, exc
         else:
             self._take_back_interrupt(worker)
+            return result, None
         finally:
             if timer is not None:
                 timer.cancel()
             del self._running[record.id]
             worker.ctx = None
-        reason = ctx.cancel_reason
+
+    async def _settle(
+        self,
+        record: TaskRecord,
+        definition: TaskDefinition,
+        reason: str | None,
+        result: Any,
+        error: Exception | None,
+    ) -> None:
+        """Record the outcome of an attempt: success, cancellation, or a failure to decide on."""
+        broker = self._broker
         if reason is None and error is None:
             self._counts["succeeded"] += 1
             await broker.ack(record, TaskState.SUCCEEDED, result=result)
@@ -476,11 +494,13 @@ class WorkerPool:
             cancelled = TaskCancelled(task_id=record.id, task_name=record.name, reason=reason)
             await broker.ack(record, TaskState.CANCELLED, error=cancelled)
         elif reason == _SHUT_DOWN:
-            await broker.retry(record, clock.now())  # at-least-once: run it again elsewhere
+            await broker.retry(record, self._clock.now())  # at-least-once: run it again elsewhere
+        elif reason == _TIMED_OUT:
+            timeout = record.timeout or 0.0
+            timed_out = TaskTimeout(task_id=record.id, task_name=record.name, timeout=timeout)
+            await self._settle_failure(record, definition, timed_out)
         else:
-            if reason == _TIMED_OUT:
-                error = TaskTimeout(task_id=record.id, task_name=record.name, timeout=timeout or 0)
-            assert error is not None  # noqa: S101 - no reason and no error is success
+            assert error is not None  # noqa: S101 - no reason and no error was a success
             await self._settle_failure(record, definition, error)
 
     def _take_back_interrupt(self, worker: _Worker) -> bool:
@@ -495,7 +515,7 @@ class WorkerPool:
         return True
 
     async def _settle_outer_cancel(self, record: TaskRecord) -> None:
-        """The worker itself is being cancelled mid-task: leave the task in a final or safe state."""
+        """The worker itself is cancelled mid-task: leave the task final, or back in the queue."""
         if self._broker.durable:
             await self._broker.retry(record, self._clock.now())
         else:
@@ -551,7 +571,7 @@ class WorkerPool:
         if handler is None:
             return default
         try:
-            decision = handler(Failure(record, definition, error, default))
+            decision: object = handler(Failure(record, definition, error, default))
         except Exception:
             logger.exception("the error handler raised; using the default decision")
             return default
@@ -573,7 +593,7 @@ class WorkerPool:
         if ctx is None or worker.interrupt is not None:
             return
         worker.interrupt = reason
-        ctx._interrupt(reason)  # noqa: SLF001 - the pool owns the context it made
+        ctx._interrupt(reason)
         task = worker.task
         # A handler cancelling its own task finds out through ctx; a cancel() of the
         # running task would only surface at the worker's next await, after the handler.

@@ -45,7 +45,11 @@ class RetryPolicy:
     dont_retry_on: tuple[type[BaseException], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
             raise ConfigurationError("max_attempts", self.max_attempts, "an integer >= 1")
         if not self.base_delay >= 0:
             raise ConfigurationError("base_delay", self.base_delay, "seconds >= 0")
@@ -69,7 +73,10 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        raw = min(self.max_delay, self.base_delay * self.factor ** (attempt - 1))
+        try:
+            raw = min(self.max_delay, self.base_delay * self.factor ** (attempt - 1))
+        except OverflowError:  # float ** raises instead of returning inf; the cap applies
+            raw = self.max_delay if self.base_delay > 0 else 0.0
         if self.jitter == 0:
             return raw
         spread = (rng or random).random() * self.jitter
