@@ -365,8 +365,9 @@ class TaskProcessor:
             definition = TaskDefinition(handler, **options)
             if definition.name in self._tasks:
                 raise ConfigurationError(
-                    "name", definition.name, "a name not yet registered (pass name=... to tell "
-                    "two handlers apart)"
+                    "name",
+                    definition.name,
+                    "a name not yet registered (pass name=... to tell two handlers apart)",
                 )
             self._tasks[definition.name] = definition
             return Task(self, definition)
@@ -581,7 +582,8 @@ class TaskProcessor:
         pool = self._pool
         if pool is None:
             raise ProcessorClosed("the processor was never run")
-        self._state = ProcessorState.STOPPING
+        if self._state is ProcessorState.RUNNING:  # a later call must not reopen CLOSED
+            self._state = ProcessorState.STOPPING
         return await pool.shutdown(grace=grace)
 
     def statistics(self) -> ProcessorStatistics:

@@ -107,8 +107,11 @@ class MemoryBroker:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the broker (again, after `aclose`)."""
+        """Open the broker (again, after `aclose`, re-arming the delay timer it stopped)."""
         self._closed = False
+        if self._delayed and self._delay_timer is None:
+            self._delay_timer_at = eta = self._delayed[0][0]
+            self._delay_timer = self._clock.call_at(eta, self._on_delay_timer)
 
     async def aclose(self) -> None:
         """Stop timers and wake every waiter with `ProcessorClosed`. Safe to call twice."""
@@ -143,7 +146,8 @@ class MemoryBroker:
         self._enqueued_total += 1
         self._tasks[record.id] = record
         if record.ttl is not None:
-            expires_at = record.expires_at = (record.eta or now) + record.ttl
+            start = record.eta if record.eta is not None else now
+            expires_at = record.expires_at = start + record.ttl
             self._expiry_timers[record.id] = self._clock.call_at(
                 expires_at, lambda: self._expire(record)
             )
@@ -344,7 +348,7 @@ class MemoryBroker:
         """Cancel a queued, scheduled or running task; return the state it was in."""
         record = self._tasks.get(task_id)
         if record is None:
-            finished = self._finished.get(task_id)
+            finished = self._kept_finished(task_id)
             return finished.state if finished is not None else None
         state = record.state
         if state is _RUNNING:
@@ -386,7 +390,8 @@ class MemoryBroker:
             timer.cancel()
         self._finish(record, state, None, error)
         if self._stale > _COMPACT_AFTER and self._stale * 2 > len(self._ready):
-            self._ready = [entry for entry in self._ready if entry[2].state is _QUEUED]
+            # In place: a reserve() suspended in its loop holds a reference to this list.
+            self._ready[:] = [entry for entry in self._ready if entry[2].state is _QUEUED]
             heapq.heapify(self._ready)
             self._stale = 0
         if self._putters:
@@ -396,7 +401,16 @@ class MemoryBroker:
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """Return a task by id: any unfinished one, or a finished one within result_ttl."""
-        return self._tasks.get(task_id) or self._finished.get(task_id)
+        return self._tasks.get(task_id) or self._kept_finished(task_id)
+
+    def _kept_finished(self, task_id: str) -> TaskRecord | None:
+        # _finish prunes only when another task finishes, so check the horizon here too.
+        record = self._finished.get(task_id)
+        finished_at = record.finished_at if record is not None else None
+        if finished_at is not None and finished_at <= self._clock.now() - self._result_ttl:
+            del self._finished[task_id]
+            return None
+        return record
 
     async def dead_letters(self) -> list[TaskRecord]:
         """Return the dead letters, oldest first."""
@@ -404,9 +418,17 @@ class MemoryBroker:
 
     async def requeue_dead_letter(self, task_id: str) -> TaskRecord:
         """Queue a dead letter again, attempts counted from zero."""
+        if task_id not in self._dead:
+            raise KeyError(f"no dead letter has id {task_id!r}")
+        # Wait for room before taking it out, so that a refused or cancelled requeue
+        # leaves the dead letter where it was; after this, enqueue cannot suspend.
+        if self._capacity is not None and not self._closed:
+            await self._wait_for_room(self._capacity)
+        if self._closed:
+            raise ProcessorClosed("the broker is closed; dead letters cannot be requeued")
         try:
             record = self._dead.pop(task_id)
-        except KeyError:
+        except KeyError:  # requeued or purged while this call waited for room
             raise KeyError(f"no dead letter has id {task_id!r}") from None
         record.attempt = 0
         record.error = None

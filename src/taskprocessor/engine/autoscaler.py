@@ -44,7 +44,7 @@ class Autoscale:
     Example:
         >>> policy = Autoscale(min_workers=2, max_workers=10, backlog_per_worker=4)
         >>> policy.desired(workers=2, busy=2, backlog=20, queue_wait=0.0, idle_for=60.0)
-        7
+        5
     """
 
     min_workers: int
@@ -56,9 +56,9 @@ class Autoscale:
     down_cooldown: float = 30.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_workers, int) or self.min_workers < 1:
+        if _not_int(self.min_workers) or self.min_workers < 1:
             raise ConfigurationError("min_workers", self.min_workers, "an integer >= 1")
-        if not isinstance(self.max_workers, int) or self.max_workers < self.min_workers:
+        if _not_int(self.max_workers) or self.max_workers < self.min_workers:
             raise ConfigurationError(
                 "max_workers",
                 self.max_workers,
@@ -78,7 +78,7 @@ class Autoscale:
     def desired(
         self, *, workers: int, busy: int, backlog: int, queue_wait: float, idle_for: float
     ) -> int:
-        """Return the pool size this policy wants now.
+        """Return the pool size this policy wants now, always within the bounds.
 
         Args:
             workers: Current pool size.
@@ -87,17 +87,26 @@ class Autoscale:
             queue_wait: The longest queue wait of a task started since the last call.
             idle_for: Seconds since the last change of size.
         """
+        # The bounds hold even during a cooldown: that only delays load-driven changes.
+        current = self._bounded(workers)
         waited_too_long = self.max_queue_wait is not None and queue_wait > self.max_queue_wait
         if backlog > workers * self.backlog_per_worker or (waited_too_long and backlog):
             if idle_for < self.up_cooldown:
-                return workers
+                return current
             extra = max(1, math.ceil(backlog / self.backlog_per_worker) - workers)
-            return max(self.min_workers, min(self.max_workers, workers + extra))
+            return self._bounded(workers + extra)
         if backlog == 0 and busy * 2 < workers:
             if idle_for < self.down_cooldown:
-                return workers
-            return max(self.min_workers, busy + (workers - busy) // 2)
+                return current
+            return self._bounded(busy + (workers - busy) // 2)
+        return current
+
+    def _bounded(self, workers: int) -> int:
         return max(self.min_workers, min(self.max_workers, workers))
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
 
 
 async def run_autoscaler(pool: WorkerPool, broker: Broker, policy: Autoscale, clock: Clock) -> None:

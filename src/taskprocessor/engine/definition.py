@@ -112,7 +112,10 @@ class TaskDefinition:
         self.name = name
         if not isinstance(self.name, str) or not self.name:
             raise ConfigurationError("name", name, "a non-empty string")
-        self.is_async = inspect.iscoroutinefunction(fn)
+        # An object with ``async def __call__`` is awaited too, not run in a thread.
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            type(fn).__call__
+        )
         if cpu_bound and self.is_async:
             raise ConfigurationError(
                 "cpu_bound",

@@ -113,9 +113,7 @@ class Executors:
 
         return self._processes.do(create)
 
-    async def run(
-        self, definition: TaskDefinition, ctx: TaskContext, record: TaskRecord
-    ) -> Any:
+    async def run(self, definition: TaskDefinition, ctx: TaskContext, record: TaskRecord) -> Any:
         """Run a plain-function handler and return its result, without blocking the loop.
 
         When the awaiting worker is interrupted the call is abandoned: a call still
@@ -144,6 +142,10 @@ class Executors:
         else:
             executor = self._thread_pool()
             handler_ctx = ctx if definition.takes_context else None
+            if isinstance(ctx._clock, LoopClock):
+                # LoopClock needs the running loop, which a pool thread has not; the
+                # loop's time is the monotonic clock, readable from any thread.
+                ctx._clock = _PROCESS_CLOCK
             run = contextvars.copy_context().run  # carries the trace context into the thread
             call = partial(run, _call, definition.fn, handler_ctx, record.args, record.kwargs)
         future = executor.submit(call)

@@ -17,7 +17,7 @@ import contextlib
 import enum
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -78,7 +78,7 @@ class PoolStatistics:
         succeeded: Tasks that returned.
         failed: Tasks that ended failed (retries exhausted or not retried).
         timed_out: Tasks whose last attempt timed out.
-        cancelled: Running tasks that were cancelled.
+        cancelled: Reserved tasks (running or parked) that were cancelled.
         expired: Tasks found past their queue TTL when reserved.
         retried: Attempts that were scheduled again.
         dead_lettered: Tasks put in the dead-letter store.
@@ -223,6 +223,10 @@ class WorkerPool:
                 # On an error in the body, do not linger: interrupt and cancel at once.
                 await self.shutdown(grace=self._grace if exc_type is None else 0.0)
         finally:
+            if exc_type is not None and issubclass(exc_type, Exception):
+                # The body's own error, not a worker's: the workers have stopped, so keep
+                # it out of the task group, which would wrap it in an ExceptionGroup.
+                exc_type, exc, tb = None, None, None
             await self._stack.__aexit__(exc_type, exc, tb)
 
     def spawn_service(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -243,6 +247,9 @@ class WorkerPool:
             worker.task = self._tg.create_task(
                 self._work(worker), name=f"taskprocessor-worker-{worker.id}"
             )
+            # A worker cancelled before its first step never runs its own finally
+            # (shutdown or scale-down right after a spawn): forget it when it ends.
+            worker.task.add_done_callback(partial(self._forget, worker))
 
     async def scale(self, workers: int) -> None:
         """Resize the pool to ``workers`` without dropping or interrupting any task.
@@ -390,9 +397,11 @@ class WorkerPool:
                     if self._watching:
                         self._changed.set()
         finally:
-            del self._workers[worker.id]
-            if not self._workers:
-                self._all_exited.set()
+            self._forget(worker)
+
+    def _forget(self, worker: _Worker, _task: object = None) -> None:
+        if self._workers.pop(worker.id, None) is not None and not self._workers:
+            self._all_exited.set()
 
     async def _handle(self, worker: _Worker, record: TaskRecord) -> None:
         definition = self._registry.get(record.name)
@@ -414,8 +423,25 @@ class WorkerPool:
                 await self._broker.ack(record, TaskState.FAILED, error=RuntimeError("internal"))
         finally:
             if limited:
-                for woken in self._limits.release(definition, record):
-                    await self._broker.release(woken)
+                await self._hand_back(self._limits.release(definition, record))
+
+    async def _hand_back(self, records: list[TaskRecord]) -> None:
+        """Return parked tasks to the queue, each to compete again for the slot just freed."""
+        for record in records:
+            await self._broker.release(record)
+            record.completion().add_done_callback(partial(self._woken_done, record.id))
+
+    def _woken_done(self, task_id: str, _future: object) -> None:
+        # A handed-back task that ends before a worker reserves it again (cancelled in
+        # the queue) must pass its turn on, or the tasks parked behind it wait forever.
+        if self._limits.was_woken(task_id):
+            self._spawn_internal(self._pass_turn(task_id))
+
+    async def _pass_turn(self, task_id: str) -> None:
+        try:
+            await self._hand_back(self._limits.vanished(task_id))
+        except Exception:
+            logger.exception("could not hand a parked task back after %s ended", task_id)
 
     async def _settle_unknown(self, record: TaskRecord) -> None:
         error = UnknownTask(record.name, tuple(self._registry))
@@ -590,10 +616,12 @@ class WorkerPool:
     def _interrupt(self, worker: _Worker, reason: str) -> None:
         """Stop the attempt ``worker`` is running, for ``reason``."""
         ctx = worker.ctx
-        if ctx is None or worker.interrupt is not None:
+        if ctx is None or worker.cancel_sent:
             return
-        worker.interrupt = reason
-        ctx._interrupt(reason)
+        if worker.interrupt is None:
+            worker.interrupt = reason
+            ctx._interrupt(reason)
+        # After a self-cancel (no cancel() sent) a timeout or shutdown must still interrupt.
         task = worker.task
         # A handler cancelling its own task finds out through ctx; a cancel() of the
         # running task would only surface at the worker's next await, after the handler.
@@ -604,7 +632,36 @@ class WorkerPool:
     def _on_cancel_running(self, task_id: str) -> None:
         worker = self._running.get(task_id)
         if worker is not None:
+            ctx = worker.ctx
+            if ctx is not None and worker.interrupt not in (None, _CANCELLED):
+                # A timeout (or shutdown) already stopping the attempt would retry it,
+                # but the caller was told the task is cancelled: the cancel wins.
+                worker.interrupt = _CANCELLED
+                ctx._reason = _CANCELLED  # the pool owns the context it made
             self._interrupt(worker, _CANCELLED)
+            return
+        # Reserved but parked behind a concurrency limit: no worker holds it. Take it
+        # out now (so a freed slot cannot start it) and ack it from the task group.
+        record = self._limits.remove_parked(task_id)
+        if record is not None:
+            self._spawn_internal(self._ack_parked_cancel(record))
+
+    def _spawn_internal(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a broker call from a synchronous callback, in the pool's task group."""
+        if self._tg is not None:
+            with contextlib.suppress(RuntimeError):  # the group is shutting down after an error
+                self._tg.create_task(coro)
+                return
+        coro.close()
+        logger.error("could not settle a parked task: the pool's task group is closed")
+
+    async def _ack_parked_cancel(self, record: TaskRecord) -> None:
+        self._counts["cancelled"] += 1
+        error = TaskCancelled(task_id=record.id, task_name=record.name)
+        try:
+            await self._broker.ack(record, TaskState.CANCELLED, error=error)
+        except Exception:
+            logger.exception("could not record the cancellation of parked task %s", record.id)
 
     # -- introspection -------------------------------------------------------------
 
