@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from taskprocessor.demo import run_demo
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
@@ -49,3 +52,15 @@ def test_demo_runs_as_a_command() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "finished 60 tasks" in proc.stdout
     assert "succeeded" in proc.stdout
+
+
+async def test_demo_accounts_for_every_task() -> None:
+    """The demo's summary counts each of its tasks in exactly one final state."""
+    out = io.StringIO()
+    assert await run_demo(tasks=80, out=out) == 0
+    text = out.getvalue()
+    assert "finished 80 tasks" in text
+    states = re.search(r"states: (.*)\n", text)
+    assert states is not None
+    counts = [int(part.split("=")[1]) for part in states.group(1).split(", ")]
+    assert sum(counts) == 80

@@ -6,9 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime
-import enum
 import functools
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from taskprocessor.engine.definition import SUBMIT_OPTIONS, KeyFunction, TaskDef
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
 from taskprocessor.engine.pool import (
+    PoolState,
     PoolStatistics,
     ShutdownReport,
     WorkerPool,
@@ -33,6 +32,7 @@ from taskprocessor.errors import (
     ResultTimeout,
     UnknownTask,
 )
+from taskprocessor.payload import find_unplain
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import Priority, TaskRecord, TaskState, validate_priority
 
@@ -42,13 +42,9 @@ R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
 
-class ProcessorState(enum.Enum):
-    """Lifecycle of a `TaskProcessor`: submits are accepted while NEW or RUNNING."""
-
-    NEW = "new"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    CLOSED = "closed"
+ProcessorState = PoolState
+"""Lifecycle of a `TaskProcessor` (the same states as its pool's): submits are accepted
+while NEW (they queue until ``run()``) or RUNNING."""
 
 
 @final
@@ -603,21 +599,17 @@ def _seconds(setting: str, value: object) -> float:
     return float(value)
 
 
-def _reject(obj: object) -> object:
-    raise TypeError(f"{type(obj).__name__} is not plain data")
-
-
 def _check_plain(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if not args and not kwargs:
         return
-    try:
-        json.dumps((args, kwargs), default=_reject)
-    except (TypeError, ValueError) as exc:
+    where = find_unplain(args, "args") or find_unplain(kwargs, "kwargs")
+    if where is not None:
         raise PayloadError(
             f"arguments of task {name!r} must be plain JSON data (str, int, float, bool, None, "
-            f"lists and dicts with str keys) to cross a broker: {exc}. Pass an id or a dict "
-            "instead, or create the processor with validate_payloads=False for in-memory use."
-        ) from None
+            f"lists, and dicts with str keys) to cross a broker; found {where}. Pass an id or "
+            "a dict instead, or create the processor with validate_payloads=False for "
+            "in-memory use only."
+        )
 
 
 async def _as_coroutine(aw: Awaitable[R]) -> R:

@@ -56,7 +56,7 @@ _BROKER_BACKOFF: Final = 1.0
 
 
 class PoolState(enum.Enum):
-    """Lifecycle of a `WorkerPool`."""
+    """Lifecycle of a `WorkerPool`, and of the `TaskProcessor` that runs it."""
 
     NEW = "new"
     RUNNING = "running"

@@ -1,0 +1,44 @@
+"""Plain data: what task arguments and results may be, so that they can cross a broker.
+
+Plain means JSON's data model exactly: ``str``, ``int``, ``float``, ``bool``, ``None``,
+lists (tuples are read as lists) and dicts with ``str`` keys. ``json.dumps`` alone is
+not a check: it turns ``{1: "a"}`` into ``{"1": "a"}`` without a word, and the task
+would receive different arguments over Redis than in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["find_unplain"]
+
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+_MAX_DEPTH: Final = 100
+
+
+def find_unplain(value: object, path: str = "") -> str | None:
+    """Return where ``value`` stops being plain data (``"[0]['when']: datetime"``), or None."""
+    return _find(value, path, 0)
+
+
+def _find(value: object, path: str, depth: int) -> str | None:
+    kind = type(value)
+    if kind in _SCALARS:
+        return None
+    if depth >= _MAX_DEPTH:
+        return f"{path or 'value'}: nested deeper than {_MAX_DEPTH} levels"
+    items: list[tuple[object, object]]
+    if isinstance(value, list | tuple) and (kind is list or kind is tuple):
+        items = list(enumerate(value))
+    elif isinstance(value, dict) and kind is dict:
+        items = list(value.items())
+        for key, _ in items:
+            if type(key) is not str:
+                return f"{path}[{key!r}]: a {type(key).__name__} key (keys must be str)"
+    else:
+        return f"{path or 'value'}: {kind.__name__}"
+    for key, item in items:
+        found = _find(item, f"{path}[{key!r}]", depth + 1)
+        if found is not None:
+            return found
+    return None
