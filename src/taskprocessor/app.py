@@ -8,7 +8,7 @@ import contextlib
 import datetime
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, final, overload
 
@@ -18,6 +18,7 @@ from taskprocessor.engine.autoscaler import Autoscale, run_autoscaler
 from taskprocessor.engine.definition import SUBMIT_OPTIONS, KeyFunction, TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
+from taskprocessor.engine.middleware import Hooks, Middleware
 from taskprocessor.engine.pool import (
     PoolState,
     PoolStatistics,
@@ -267,6 +268,7 @@ class TaskProcessor:
         grace: Seconds that shutdown lets work finish before interrupting it.
         validate_payloads: Check at submit that arguments are plain JSON data, so code
             that runs in memory also runs over a networked broker.
+        middleware: `Middleware` for every task type, before each task's own.
 
     Example:
         >>> import asyncio
@@ -294,6 +296,7 @@ class TaskProcessor:
         max_processes: int | None = None,
         grace: float = 10.0,
         validate_payloads: bool = True,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.clock: Clock = clock or LoopClock()
         if isinstance(broker, str):
@@ -314,6 +317,7 @@ class TaskProcessor:
         self._max_processes = max_processes
         self._grace = grace
         self._validate = validate_payloads
+        self._middleware = tuple(Hooks(middleware).middleware)  # validates the items
         self._tasks: dict[str, TaskDefinition] = {}
         self._state = ProcessorState.NEW
         self._pool: WorkerPool | None = None
@@ -340,6 +344,7 @@ class TaskProcessor:
         key: KeyFunction | None = None,
         cpu_bound: bool = False,
         queue: str = "default",
+        middleware: Sequence[Middleware] = (),
     ) -> _TaskDecorator: ...
 
     def task(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
@@ -358,7 +363,8 @@ class TaskProcessor:
         """
 
         def register(handler: Callable[..., Any]) -> Task[Any]:
-            definition = TaskDefinition(handler, **options)
+            own = tuple(options.pop("middleware", ()))
+            definition = TaskDefinition(handler, middleware=(*self._middleware, *own), **options)
             if definition.name in self._tasks:
                 raise ConfigurationError(
                     "name",
@@ -431,6 +437,10 @@ class TaskProcessor:
             raise ProcessorClosed(
                 f"the processor is {self._state.value}; tasks can no longer be submitted"
             )
+        definition = self._tasks.get(record.name)
+        if definition is not None:
+            for hook in definition.hooks.on_submit:
+                hook(record)
         await self.broker.enqueue(record, block=block)
         return JobHandle(self, record)
 

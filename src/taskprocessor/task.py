@@ -117,6 +117,7 @@ class TaskRecord:
 
     __slots__ = (
         "_waiter",
+        "admission_pass",
         "args",
         "attempt",
         "dead_letter_reason",
@@ -178,6 +179,9 @@ class TaskRecord:
         self.seq = 0
         self.sort_key = 0.0
         self._waiter: asyncio.Future[None] | None = None
+        # Process-local, never serialised: the admission stage that booked a slot for
+        # this task while it was parked (see taskprocessor.engine.admission).
+        self.admission_pass: object = None
 
     def completion(self) -> asyncio.Future[None]:
         """Return a future that is done once the record reaches a final state."""

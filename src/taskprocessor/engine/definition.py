@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
+from taskprocessor.engine.middleware import Hooks, Middleware
 from taskprocessor.errors import ConfigurationError
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import TaskContext, validate_priority
@@ -66,21 +67,27 @@ class TaskDefinition:
         key_concurrency: At most this many running at once per key, or None.
         key: Computes the concurrency key from the handler's arguments.
         queue: The queue the tasks go to.
+        middleware: Middleware of this task type (the processor's come first).
+        hooks: The resolved observer hooks of ``middleware``.
+        admitters: The admission stages among ``middleware``, in order.
     """
 
     __slots__ = (
+        "_shapes",
+        "admitters",
         "concurrency",
         "cpu_bound",
         "fn",
+        "hooks",
         "is_async",
         "key",
         "key_concurrency",
+        "middleware",
         "name",
         "priority",
         "queue",
         "retry",
         "signature",
-        "_shapes",
         "takes_context",
         "timeout",
         "ttl",
@@ -101,6 +108,7 @@ class TaskDefinition:
         key: KeyFunction | None = None,
         cpu_bound: bool = False,
         queue: str = "default",
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if not callable(fn):
             raise ConfigurationError("fn", fn, "a function or coroutine function")
@@ -155,6 +163,9 @@ class TaskDefinition:
         if not isinstance(queue, str) or not queue:
             raise ConfigurationError("queue", queue, "a non-empty string")
         self.queue = queue
+        self.middleware = tuple(middleware)
+        self.hooks = Hooks(self.middleware)
+        self.admitters = self.hooks.admitters()
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Check that the handler accepts these arguments, or raise `TypeError` naming the task."""

@@ -25,10 +25,12 @@ from typing import Any, Final, final
 
 from taskprocessor.brokers.base import Broker
 from taskprocessor.clock import Clock, clock_timeout
+from taskprocessor.engine.admission import Admission
 from taskprocessor.engine.definition import TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import Action, Decision, ErrorHandler, Failure
 from taskprocessor.engine.limits import ConcurrencyLimits
+from taskprocessor.engine.middleware import Defer, Hooks, Outcome
 from taskprocessor.errors import (
     BrokerError,
     ConfigurationError,
@@ -173,6 +175,7 @@ class WorkerPool:
         self._workers: dict[int, _Worker] = {}
         self._running: dict[str, _Worker] = {}
         self._limits = ConcurrencyLimits()
+        self._admission = Admission(clock, self._hand_back_soon, (self._on_defer,))
         self._busy = 0
         self._max_queue_wait = 0.0
         self._watching = 0  # how many drains (join, shutdown) wait on transitions
@@ -312,7 +315,7 @@ class WorkerPool:
                 worker.task.cancel()
         await self._wait_exited()
         handed_back = 0
-        for record in self._limits.take_parked():
+        for record in (*self._limits.take_parked(), *self._admission.take_all()):
             await self._broker.release(record)
             handed_back += durable
         cancelled = 0 if durable else await self._broker.cancel_all(_SHUT_DOWN)
@@ -343,7 +346,8 @@ class WorkerPool:
         try:
             async with clock_timeout(self._clock, grace):
                 while True:
-                    if not self._busy and (durable or not sum(await self._broker.depth())):
+                    idle = not self._busy and (durable or not self._admission.parked)
+                    if idle and (durable or not sum(await self._broker.depth())):
                         return True
                     self._changed.clear()
                     await self._changed.wait()
@@ -408,11 +412,21 @@ class WorkerPool:
         if definition is None:
             await self._settle_unknown(record)
             return
+        hooks = definition.hooks
+        chain = definition.admitters
+        if chain:
+            verdict = self._admission.admit(chain, record, definition)
+            if verdict is not None:
+                if not isinstance(verdict, Defer):
+                    await self._reject(record, definition, verdict, hooks)
+                return  # deferred: parked until it may ask again
         limited = definition.concurrency is not None or definition.key_concurrency is not None
         if limited and not self._limits.try_acquire(definition, record):
+            if chain:
+                self._admission.revoke(chain, record, definition)
             return  # parked; handed back when a slot frees
         try:
-            await self._execute(worker, record, definition)
+            await self._execute(worker, record, definition, hooks)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -422,8 +436,36 @@ class WorkerPool:
             if record.state is TaskState.RUNNING:
                 await self._broker.ack(record, TaskState.FAILED, error=RuntimeError("internal"))
         finally:
+            if chain:
+                self._admission.finished(chain)
             if limited:
                 await self._hand_back(self._limits.release(definition, record))
+
+    def _on_defer(self, record: TaskRecord, defer: Defer) -> None:
+        definition = self._registry.get(record.name)
+        if definition is not None:
+            for hook in definition.hooks.on_defer:
+                hook(record, defer)
+
+    def _hand_back_soon(self, records: list[TaskRecord]) -> None:
+        """Return tasks woken by an admission lane to the queue (from a timer callback)."""
+        self._spawn_internal(self._release_all(records))
+
+    async def _release_all(self, records: list[TaskRecord]) -> None:
+        for record in records:
+            try:
+                await self._broker.release(record)
+            except Exception:
+                logger.exception("could not hand deferred task %s back to the queue", record.id)
+        if self._watching:
+            self._changed.set()
+
+    async def _reject(
+        self, record: TaskRecord, definition: TaskDefinition, error: BaseException, hooks: Hooks
+    ) -> None:
+        """An admission stage refused the task outright: a failed attempt, for on_error."""
+        record.attempt += 1
+        await self._settle_failure(record, definition, error, hooks)
 
     async def _hand_back(self, records: list[TaskRecord]) -> None:
         """Return parked tasks to the queue, each to compete again for the slot just freed."""
@@ -451,13 +493,13 @@ class WorkerPool:
         await self._broker.ack(record, TaskState.FAILED, error=error, dead_letter=str(error))
 
     async def _execute(
-        self, worker: _Worker, record: TaskRecord, definition: TaskDefinition
+        self, worker: _Worker, record: TaskRecord, definition: TaskDefinition, hooks: Hooks
     ) -> None:
         now = self._clock.now()
         if record.attempt == 0 and record.expires_at is not None and now >= record.expires_at:
             self._counts["expired"] += 1
             expired = TaskExpired(task_id=record.id, task_name=record.name, ttl=record.ttl or 0.0)
-            await self._broker.ack(record, TaskState.EXPIRED, error=expired)
+            await self._ack(hooks, record, TaskState.EXPIRED, error=expired)
             return
         record.attempt += 1
         record.started_at = now
@@ -466,8 +508,15 @@ class WorkerPool:
         ctx = TaskContext(
             record, max_attempts=definition.retry.max_attempts, deadline=deadline, clock=self._clock
         )
+        around = hooks.around
+        states = [before(record, ctx) for before, _ in around] if around else None
         result, error = await self._run_handler(worker, record, definition, ctx)
-        await self._settle(record, definition, ctx.cancel_reason, result, error)
+        reason = ctx.cancel_reason
+        if states is not None:
+            outcome = Outcome(_attempt_state(reason, error), error, now, self._clock.now())
+            for (_, after), state in zip(reversed(around), reversed(states), strict=True):
+                after(record, ctx, outcome, state)
+        await self._settle(record, definition, hooks, reason=reason, result=result, error=error)
 
     async def _run_handler(
         self, worker: _Worker, record: TaskRecord, definition: TaskDefinition, ctx: TaskContext
@@ -506,6 +555,8 @@ class WorkerPool:
         self,
         record: TaskRecord,
         definition: TaskDefinition,
+        hooks: Hooks,
+        *,
         reason: str | None,
         result: Any,
         error: Exception | None,
@@ -514,20 +565,38 @@ class WorkerPool:
         broker = self._broker
         if reason is None and error is None:
             self._counts["succeeded"] += 1
-            await broker.ack(record, TaskState.SUCCEEDED, result=result)
+            await self._ack(hooks, record, TaskState.SUCCEEDED, result=result)
         elif reason == _CANCELLED or (reason == _SHUT_DOWN and not broker.durable):
             self._counts["cancelled"] += 1
             cancelled = TaskCancelled(task_id=record.id, task_name=record.name, reason=reason)
-            await broker.ack(record, TaskState.CANCELLED, error=cancelled)
+            await self._ack(hooks, record, TaskState.CANCELLED, error=cancelled)
         elif reason == _SHUT_DOWN:
             await broker.retry(record, self._clock.now())  # at-least-once: run it again elsewhere
         elif reason == _TIMED_OUT:
             timeout = record.timeout or 0.0
             timed_out = TaskTimeout(task_id=record.id, task_name=record.name, timeout=timeout)
-            await self._settle_failure(record, definition, timed_out)
+            await self._settle_failure(record, definition, timed_out, hooks)
         else:
             assert error is not None  # noqa: S101 - no reason and no error was a success
-            await self._settle_failure(record, definition, error)
+            await self._settle_failure(record, definition, error, hooks)
+
+    async def _ack(
+        self,
+        hooks: Hooks,
+        record: TaskRecord,
+        state: TaskState,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+        dead_letter: str | None = None,
+    ) -> None:
+        """Record a final state with the broker, then tell the observers."""
+        await self._broker.ack(record, state, result=result, error=error, dead_letter=dead_letter)
+        if dead_letter is not None:
+            for hook in hooks.on_dead_letter:
+                hook(record, dead_letter)
+        for hook in hooks.on_settled:
+            hook(record)
 
     def _take_back_interrupt(self, worker: _Worker) -> bool:
         """Balance the cancel() an interrupt sent; return False if another cancel is pending."""
@@ -550,7 +619,7 @@ class WorkerPool:
             await self._broker.ack(record, TaskState.CANCELLED, error=error)
 
     async def _settle_failure(
-        self, record: TaskRecord, definition: TaskDefinition, error: BaseException
+        self, record: TaskRecord, definition: TaskDefinition, error: BaseException, hooks: Hooks
     ) -> None:
         decision = self._decide(record, definition, error)
         extra = {"task_id": record.id, "task_name": record.name, "attempt": record.attempt}
@@ -565,6 +634,8 @@ class WorkerPool:
                 decision.delay,
                 extra=extra,
             )
+            for hook in hooks.on_retry:
+                hook(record, error, decision.delay)
             await self._broker.retry(record, self._clock.now() + decision.delay)
             return
         timed_out = isinstance(error, TaskTimeout)
@@ -583,7 +654,7 @@ class WorkerPool:
             extra=extra,
         )
         state = TaskState.TIMED_OUT if timed_out else TaskState.FAILED
-        await self._broker.ack(record, state, error=error, dead_letter=dead_letter)
+        await self._ack(hooks, record, state, error=error, dead_letter=dead_letter)
 
     def _decide(
         self, record: TaskRecord, definition: TaskDefinition, error: BaseException
@@ -642,7 +713,7 @@ class WorkerPool:
             return
         # Reserved but parked behind a concurrency limit: no worker holds it. Take it
         # out now (so a freed slot cannot start it) and ack it from the task group.
-        record = self._limits.remove_parked(task_id)
+        record = self._limits.remove_parked(task_id) or self._admission.remove(task_id)
         if record is not None:
             self._spawn_internal(self._ack_parked_cancel(record))
 
@@ -691,7 +762,7 @@ class WorkerPool:
             workers=len(self._workers) - retiring,
             busy=self._busy,
             retiring=retiring,
-            parked=self._limits.parked,
+            parked=self._limits.parked + self._admission.parked,
             threads_abandoned=self._executors.abandoned,
             **self._counts,
         )
@@ -699,8 +770,17 @@ class WorkerPool:
     def __repr__(self) -> str:
         return (
             f"<WorkerPool {self._state.value} workers={self.size} busy={self._busy} "
-            f"parked={self._limits.parked}>"
+            f"parked={self._limits.parked + self._admission.parked}>"
         )
+
+
+def _attempt_state(reason: str | None, error: BaseException | None) -> TaskState:
+    """The state an attempt ended in, as `Outcome` reports it to middleware."""
+    if reason == _TIMED_OUT:
+        return TaskState.TIMED_OUT
+    if reason is not None:
+        return TaskState.CANCELLED
+    return TaskState.SUCCEEDED if error is None else TaskState.FAILED
 
 
 def check_workers(workers: object) -> int:

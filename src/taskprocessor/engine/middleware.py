@@ -1,0 +1,186 @@
+"""Middleware: the typed hooks around a task's life, and the admission pipeline.
+
+One base class serves two kinds of extension (dramatiq's middleware is the model):
+
+- **Admission stages** (`Middleware.admit`) decide, before a reserved task starts,
+  whether it may run now. They return None (admit), a `Defer` (park the task, not
+  holding a worker, until a time or until a running task of the stage finishes), or
+  an exception (reject: the error goes through the central error handling). Rate
+  limiters, circuit breakers and adaptive concurrency limits are stages.
+- **Observers** (every other hook) see submits, starts, outcomes, retries, deferrals
+  and dead letters. Metrics and tracing are observers.
+
+Override only the hooks you need: the pool calls a hook only on the middleware whose
+class overrides it, so an unused hook costs nothing. Stages run in order; ``after_run``
+hooks run in reverse. A hook that raises is logged and skipped; it never breaks a task.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, final
+
+from taskprocessor.errors import ConfigurationError
+from taskprocessor.task import TaskState
+
+if TYPE_CHECKING:
+    from taskprocessor.engine.definition import TaskDefinition
+    from taskprocessor.task import TaskContext, TaskRecord
+
+__all__ = ["Defer", "Hooks", "Middleware", "Outcome"]
+
+logger = logging.getLogger(__name__)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """An admission verdict: park the task until it may pass this stage.
+
+    Attributes:
+        until: Clock time at which the task may try again; None to wait until a task
+            that this stage admitted finishes (a concurrency-style limit).
+        lane: Tasks parked in one lane wait for the same thing (one rate-limit key,
+            one breaker); parked tasks leave a lane best priority first.
+        reserved: The stage already reserved a slot at ``until`` for this task (as a
+            reservation-style rate limiter does): when ``until`` comes, the best task
+            of the lane takes that slot without asking the stage again. Without it,
+            every task of the lane is handed back at ``until`` to ask again.
+        reason: Why, for logs, span events and metrics (``"rate limit"``, ``"breaker"``).
+    """
+
+    until: float | None
+    lane: Hashable = None
+    reserved: bool = False
+    reason: str = "deferred"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended.
+
+    Attributes:
+        state: SUCCEEDED, FAILED, TIMED_OUT or CANCELLED (an attempt that will be retried
+            is FAILED or TIMED_OUT here).
+        error: What the attempt raised, or None.
+        started_at: Clock time the attempt started.
+        finished_at: Clock time it ended.
+    """
+
+    state: TaskState
+    error: BaseException | None
+    started_at: float
+    finished_at: float
+
+    @property
+    def duration(self) -> float:
+        """Seconds the attempt ran."""
+        return self.finished_at - self.started_at
+
+
+class Middleware:
+    """Hooks around a task's life; subclass and override what you need.
+
+    Registered on the processor (``TaskProcessor(middleware=[...])``, for every task) or
+    on one task type (``@app.task(middleware=[...])``).
+    """
+
+    def on_submit(self, record: TaskRecord) -> None:
+        """Called on the producer's side before the task is queued (headers may be added)."""
+
+    def admit(
+        self, record: TaskRecord, definition: TaskDefinition, now: float
+    ) -> Defer | BaseException | None:
+        """Decide whether a reserved task may start now (see the module docstring)."""
+        return None
+
+    def revoke(self, record: TaskRecord, definition: TaskDefinition, now: float) -> None:
+        """Undo an admission: a later stage deferred or rejected the task after this one."""
+
+    def before_run(self, record: TaskRecord, ctx: TaskContext) -> Any:
+        """Called just before the handler runs; the return value reaches `after_run`."""
+        return None
+
+    def after_run(self, record: TaskRecord, ctx: TaskContext, outcome: Outcome, state: Any) -> None:
+        """Called after each attempt, in reverse order of registration."""
+
+    def on_retry(self, record: TaskRecord, error: BaseException, delay: float) -> None:
+        """Called when a failed attempt is scheduled to run again after ``delay`` seconds."""
+
+    def on_defer(self, record: TaskRecord, defer: Defer) -> None:
+        """Called when an admission stage parks a task."""
+
+    def on_settled(self, record: TaskRecord) -> None:
+        """Called once a task reached its final state (``record.state``) in this process."""
+
+    def on_dead_letter(self, record: TaskRecord, reason: str) -> None:
+        """Called when a task is put in the dead-letter store."""
+
+
+def _overrides(middleware: Middleware, hook: str) -> bool:
+    return getattr(type(middleware), hook) is not getattr(Middleware, hook)
+
+
+def _guarded(hook: Callable[..., Any], name: str) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        try:
+            return hook(*args)
+        except Exception:
+            logger.exception("middleware hook %s failed; the task carries on", name)
+            return None
+
+    return call
+
+
+@final
+class Hooks:
+    """The observer hooks of a list of middleware, resolved once for cheap dispatch.
+
+    Each attribute is a tuple of the bound hooks of the middleware that override it,
+    each guarded so that an exception is logged instead of raised.
+    """
+
+    __slots__ = (
+        "around",
+        "middleware",
+        "on_dead_letter",
+        "on_defer",
+        "on_retry",
+        "on_settled",
+        "on_submit",
+    )
+
+    def __init__(self, middleware: Sequence[object] = ()) -> None:
+        checked: list[Middleware] = []
+        for item in middleware:
+            if not isinstance(item, Middleware):
+                raise ConfigurationError("middleware", item, "instances of Middleware subclasses")
+            checked.append(item)
+        self.middleware = tuple(checked)
+
+        def resolve(hook: str) -> tuple[Callable[..., Any], ...]:
+            chosen = [m for m in self.middleware if _overrides(m, hook)]
+            return tuple(_guarded(getattr(m, hook), f"{type(m).__name__}.{hook}") for m in chosen)
+
+        self.on_submit = resolve("on_submit")
+        # (before_run, after_run) pairs of the middleware that override either, so the
+        # value each before_run returns reaches its own after_run.
+        self.around = tuple(
+            (
+                _guarded(m.before_run, f"{type(m).__name__}.before_run"),
+                _guarded(m.after_run, f"{type(m).__name__}.after_run"),
+            )
+            for m in self.middleware
+            if _overrides(m, "before_run") or _overrides(m, "after_run")
+        )
+        self.on_retry = resolve("on_retry")
+        self.on_defer = resolve("on_defer")
+        self.on_settled = resolve("on_settled")
+        self.on_dead_letter = resolve("on_dead_letter")
+
+    def admitters(self) -> tuple[Middleware, ...]:
+        """The middleware that override `Middleware.admit`, in order."""
+        return tuple(m for m in self.middleware if _overrides(m, "admit"))
