@@ -37,6 +37,7 @@ NOT_REEXPORTED = frozenset(
         "new_task_id",  # taskprocessor.task: ids are made by submit()
         "validate_priority",  # taskprocessor.task: applied by submit() and @app.task
         "open_broker",  # taskprocessor.brokers: used by TaskProcessor(broker="memory://")
+        "Hooks",  # taskprocessor.engine.middleware: the resolved dispatch tables the pool uses
     }
 )
 

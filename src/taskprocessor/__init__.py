@@ -17,6 +17,7 @@ from taskprocessor.brokers import Broker, BrokerStatistics, MemoryBroker
 from taskprocessor.clock import Clock, LoopClock, clock_timeout
 from taskprocessor.engine.autoscaler import Autoscale
 from taskprocessor.engine.failures import Action, Decision, Failure
+from taskprocessor.engine.middleware import Defer, Middleware, Outcome
 from taskprocessor.engine.pool import PoolStatistics, ShutdownReport
 from taskprocessor.errors import (
     BrokerError,
@@ -51,11 +52,14 @@ __all__ = (
     "Clock",
     "ConfigurationError",
     "Decision",
+    "Defer",
     "Failure",
     "JobHandle",
     "LoopClock",
     "MemoryBroker",
+    "Middleware",
     "Once",
+    "Outcome",
     "PayloadError",
     "PoolStatistics",
     "Priority",
