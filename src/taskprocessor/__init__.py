@@ -22,10 +22,12 @@ from taskprocessor.engine.pool import PoolStatistics, ShutdownReport
 from taskprocessor.errors import (
     BrokerError,
     BrokerUnavailable,
+    CircuitOpen,
     ConfigurationError,
     PayloadError,
     ProcessorClosed,
     QueueFull,
+    RateLimited,
     ResultTimeout,
     TaskCancelled,
     TaskError,
@@ -36,25 +38,61 @@ from taskprocessor.errors import (
     UnknownTask,
 )
 from taskprocessor.once import AsyncOnce, Once
+from taskprocessor.resilience.adaptive import (
+    AIMD,
+    AdaptiveLimit,
+    AIMDStatistics,
+    Gradient2,
+    Gradient2Statistics,
+    Windowed,
+    WindowedStatistics,
+)
+from taskprocessor.resilience.breaker import (
+    BreakerState,
+    BreakerStateChange,
+    BreakerStatistics,
+    CircuitBreaker,
+)
+from taskprocessor.resilience.ratelimit import (
+    GCRA,
+    GCRAStatistics,
+    KeyedGCRA,
+    KeyedGCRAStatistics,
+    RateLimit,
+)
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import Priority, TaskContext, TaskRecord, TaskState
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "AIMD",
+    "GCRA",
+    "AIMDStatistics",
     "Action",
+    "AdaptiveLimit",
     "AsyncOnce",
     "Autoscale",
+    "BreakerState",
+    "BreakerStateChange",
+    "BreakerStatistics",
     "Broker",
     "BrokerError",
     "BrokerStatistics",
     "BrokerUnavailable",
+    "CircuitBreaker",
+    "CircuitOpen",
     "Clock",
     "ConfigurationError",
     "Decision",
     "Defer",
     "Failure",
+    "GCRAStatistics",
+    "Gradient2",
+    "Gradient2Statistics",
     "JobHandle",
+    "KeyedGCRA",
+    "KeyedGCRAStatistics",
     "LoopClock",
     "MemoryBroker",
     "Middleware",
@@ -67,6 +105,8 @@ __all__ = (
     "ProcessorState",
     "ProcessorStatistics",
     "QueueFull",
+    "RateLimit",
+    "RateLimited",
     "ResultTimeout",
     "RetryPolicy",
     "ShutdownReport",
@@ -82,5 +122,7 @@ __all__ = (
     "TaskState",
     "TaskTimeout",
     "UnknownTask",
+    "Windowed",
+    "WindowedStatistics",
     "clock_timeout",
 )

@@ -34,6 +34,9 @@ from taskprocessor.errors import (
     UnknownTask,
 )
 from taskprocessor.payload import find_unplain
+from taskprocessor.resilience.adaptive import AdaptiveLimit
+from taskprocessor.resilience.breaker import CircuitBreaker
+from taskprocessor.resilience.ratelimit import RateLimit
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import Priority, TaskRecord, TaskState, validate_priority
 
@@ -319,6 +322,7 @@ class TaskProcessor:
         self._validate = validate_payloads
         self._middleware = tuple(Hooks(middleware).middleware)  # validates the items
         self._tasks: dict[str, TaskDefinition] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._state = ProcessorState.NEW
         self._pool: WorkerPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -345,6 +349,11 @@ class TaskProcessor:
         cpu_bound: bool = False,
         queue: str = "default",
         middleware: Sequence[Middleware] = (),
+        rate_limit: RateLimit | str | None = None,
+        key_rate_limit: RateLimit | str | None = None,
+        breaker: CircuitBreaker | str | None = None,
+        breaker_fail_fast: bool = False,
+        adaptive: AdaptiveLimit | None = None,
     ) -> _TaskDecorator: ...
 
     def task(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
@@ -356,11 +365,24 @@ class TaskProcessor:
                 ``ttl`` (queue time-to-live, seconds), ``retries`` (or a ``retry``
                 `RetryPolicy`), ``concurrency`` (running at once), ``key_concurrency``
                 and ``key`` (running at once per key), ``cpu_bound`` (process pool for
-                a plain function), ``queue``.
+                a plain function), ``queue``, ``middleware``, ``rate_limit`` and
+                ``key_rate_limit`` (a `RateLimit` or ``"100/s"``), ``breaker`` (a
+                `CircuitBreaker` or the name of one from `breaker`) with
+                ``breaker_fail_fast``, ``adaptive`` (an `AIMD` or `Gradient2` limit).
 
         Raises:
             ConfigurationError: An option is out of range, or the name is taken.
         """
+        breaker = options.get("breaker")
+        if isinstance(breaker, str):
+            if breaker not in self._breakers:
+                raise ConfigurationError(
+                    "breaker",
+                    breaker,
+                    f"the name of a breaker declared with app.breaker(); declared: "
+                    f"{sorted(self._breakers) or 'none'}",
+                )
+            options["breaker"] = self._breakers[breaker]
 
         def register(handler: Callable[..., Any]) -> Task[Any]:
             own = tuple(options.pop("middleware", ()))
@@ -377,6 +399,33 @@ class TaskProcessor:
         if fn is not None:
             return register(fn)
         return register
+
+    def breaker(self, name: str, **config: Any) -> CircuitBreaker:
+        """Declare a named circuit breaker, shared by the task types that name it.
+
+        ``@app.task(breaker="payments")`` then guards each of them with the same
+        breaker, so one failing dependency stops them all at once. Calling this
+        again with the same name returns the existing breaker (``config`` must then
+        be empty). Subscribe to its state changes with ``breaker.subscribe(fn)``.
+
+        Args:
+            name: The breaker's name.
+            **config: `CircuitBreaker` settings (``failure_ratio``, ``open_seconds``, ...).
+        """
+        existing = self._breakers.get(name)
+        if existing is not None:
+            if config:
+                raise ConfigurationError(
+                    "config", config, f"no settings: breaker {name!r} is already declared"
+                )
+            return existing
+        breaker = self._breakers[name] = CircuitBreaker(name=name, **config)
+        return breaker
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """The named breakers (a copy)."""
+        return dict(self._breakers)
 
     @property
     def tasks(self) -> dict[str, TaskDefinition]:

@@ -11,6 +11,8 @@ keeps working in code that does not know this library::
     ├── QueueFull                           bounded queue at capacity, policy says raise
     ├── ProcessorClosed (RuntimeError)      submit or run after shutdown, or before run()
     ├── ResultTimeout (TimeoutError)        job.result(timeout) gave up waiting; the task goes on
+    ├── CircuitOpen                         a circuit breaker refuses calls (breaker, retry_after)
+    ├── RateLimited                         a rate limit has no token free now (key, retry_after)
     ├── BrokerError
     │   ├── BrokerUnavailable (ConnectionError)
     │   └── PayloadError (ValueError)       arguments or results that cannot cross a broker
@@ -31,10 +33,12 @@ from typing import Any
 __all__ = [
     "BrokerError",
     "BrokerUnavailable",
+    "CircuitOpen",
     "ConfigurationError",
     "PayloadError",
     "ProcessorClosed",
     "QueueFull",
+    "RateLimited",
     "ResultTimeout",
     "TaskCancelled",
     "TaskError",
@@ -232,3 +236,53 @@ class TaskExpired(TaskError):
             task_id=task_id,
             task_name=task_name,
         )
+
+
+class CircuitOpen(TaskProcessorError):
+    """A circuit breaker refused the call without trying it.
+
+    Recent calls through the breaker failed (or were slow) too often, so it stops
+    calls for a cooldown to let the dependency recover; after the cooldown a few
+    probe calls test it, and their success closes the breaker again.
+
+    Attributes:
+        breaker: The name of the breaker.
+        retry_after: Seconds until a probe call may pass.
+    """
+
+    def __init__(self, breaker: str, retry_after: float) -> None:
+        self.breaker = breaker
+        self.retry_after = retry_after
+        probe = (
+            f"a probe call may pass in {retry_after:g}s and closes the breaker if it succeeds"
+            if retry_after > 0
+            else "probe calls are testing the dependency now and close it if they succeed"
+        )
+        super().__init__(
+            f"circuit breaker {breaker!r} is open: recent calls failed too often, so calls "
+            f"are refused without being tried; {probe} (retry then, or fall back)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.breaker, self.retry_after))
+
+
+class RateLimited(TaskProcessorError):
+    """A rate limit has no token free now and the caller chose not to wait.
+
+    Attributes:
+        key: The limited key (tenant, user, host), or None for a limit without keys.
+        retry_after: Seconds until a token is free.
+    """
+
+    def __init__(self, key: str | None, retry_after: float) -> None:
+        self.key = key
+        self.retry_after = retry_after
+        subject = "the rate limit" if key is None else f"the rate limit of key {key!r}"
+        super().__init__(
+            f"{subject} has no token free; the next is due in {retry_after:g}s "
+            "(wait that long, or raise the limit's rate or burst)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.retry_after))

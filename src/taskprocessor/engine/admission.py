@@ -11,7 +11,7 @@ position, and ask again:
 - ``Defer(until=t)``: at ``t`` every task of the lane asks again (a breaker that may
   let probes through once its open interval ends).
 - ``Defer(until=None)``: when a task the stage admitted finishes, the best waiting
-  task asks again (a concurrency limit).
+  tasks ask again, as many as the stage's `Middleware.room` says (a concurrency limit).
 """
 
 from __future__ import annotations
@@ -121,9 +121,14 @@ class Admission:
             keys = self._event_lanes.get(stage)
             if not keys:
                 continue
+            try:
+                room = max(1, stage.room(self._clock.now()))
+            except Exception:
+                logger.exception("admission stage %r failed to tell its room", stage)
+                room = 1
             for key in list(keys):
                 lane = self._lanes[(stage, key)]
-                woken.append(self._pop_best(lane))
+                woken.extend(self._pop_best(lane) for _ in range(min(room, len(lane.records))))
                 self._tidy(lane)
         if woken:
             self._hand_back(woken)

@@ -7,7 +7,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
 from taskprocessor.engine.middleware import Hooks, Middleware
+from taskprocessor.engine.stages import AdaptiveStage, BreakerStage, RateLimitStage, as_rate_limit
 from taskprocessor.errors import ConfigurationError
+from taskprocessor.resilience.adaptive import AdaptiveLimit
+from taskprocessor.resilience.breaker import CircuitBreaker
+from taskprocessor.resilience.ratelimit import RateLimit
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import TaskContext, validate_priority
 
@@ -35,6 +39,31 @@ def _check_limit(setting: str, value: int | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(setting, value, "an integer >= 1, or None for no limit")
     return value
+
+
+def _stages(
+    rate_limit: RateLimit | str | None,
+    key_rate_limit: RateLimit | str | None,
+    breaker: CircuitBreaker | None,
+    breaker_fail_fast: bool,
+    adaptive: AdaptiveLimit | None,
+) -> list[Middleware]:
+    """The built-in admission stages a task declares, in their fixed order."""
+    stages: list[Middleware] = []
+    if breaker is not None:
+        if not isinstance(breaker, CircuitBreaker):
+            raise ConfigurationError("breaker", breaker, "a CircuitBreaker or a breaker name")
+        stages.append(BreakerStage(breaker, fail_fast=breaker_fail_fast))
+    if rate_limit is not None:
+        stages.append(RateLimitStage(as_rate_limit("rate_limit", rate_limit)))
+    if key_rate_limit is not None:
+        limit = as_rate_limit("key_rate_limit", key_rate_limit)
+        stages.append(RateLimitStage(limit, per_key=True))
+    if adaptive is not None:
+        if not hasattr(adaptive, "on_sample") or not hasattr(adaptive, "limit"):
+            raise ConfigurationError("adaptive", adaptive, "an AIMD or Gradient2 limit")
+        stages.append(AdaptiveStage(adaptive))
+    return stages
 
 
 def _takes_context(fn: Callable[..., Any]) -> bool:
@@ -109,6 +138,11 @@ class TaskDefinition:
         cpu_bound: bool = False,
         queue: str = "default",
         middleware: Sequence[Middleware] = (),
+        rate_limit: RateLimit | str | None = None,
+        key_rate_limit: RateLimit | str | None = None,
+        breaker: CircuitBreaker | None = None,
+        breaker_fail_fast: bool = False,
+        adaptive: AdaptiveLimit | None = None,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError("fn", fn, "a function or coroutine function")
@@ -163,7 +197,10 @@ class TaskDefinition:
         if not isinstance(queue, str) or not queue:
             raise ConfigurationError("queue", queue, "a non-empty string")
         self.queue = queue
-        self.middleware = tuple(middleware)
+        self.middleware = (
+            *middleware,
+            *_stages(rate_limit, key_rate_limit, breaker, breaker_fail_fast, adaptive),
+        )
         self.hooks = Hooks(self.middleware)
         self.admitters = self.hooks.admitters()
 

@@ -100,6 +100,13 @@ class Middleware:
     def revoke(self, record: TaskRecord, definition: TaskDefinition, now: float) -> None:
         """Undo an admission: a later stage deferred or rejected the task after this one."""
 
+    def room(self, now: float) -> int:
+        """How many tasks waiting on this stage (``Defer(until=None)``) may ask again now.
+
+        Called when a task this stage admitted finishes; the default wakes one.
+        """
+        return 1
+
     def before_run(self, record: TaskRecord, ctx: TaskContext) -> Any:
         """Called just before the handler runs; the return value reaches `after_run`."""
         return None

@@ -733,6 +733,11 @@ class WorkerPool:
             await self._broker.ack(record, TaskState.CANCELLED, error=error)
         except Exception:
             logger.exception("could not record the cancellation of parked task %s", record.id)
+        else:
+            definition = self._registry.get(record.name)
+            if definition is not None:
+                for hook in definition.hooks.on_settled:
+                    hook(record)
 
     # -- introspection -------------------------------------------------------------
 

@@ -1,0 +1,185 @@
+"""The built-in admission stages: rate limits, circuit breakers, adaptive concurrency.
+
+Each is a thin `Middleware` around a pure algorithm from `taskprocessor.resilience`
+(the maths takes timestamps; this layer turns its answers into `Defer` verdicts).
+``@app.task(rate_limit=..., key_rate_limit=..., breaker=..., adaptive=...)`` builds them
+in this fixed order, after the processor's own middleware::
+
+    breaker -> rate limit -> per-key rate limit -> adaptive limit -> static concurrency
+
+A breaker comes first because refusing is cheapest there, and a deferred task takes
+no rate-limit token; the static concurrency limits (``concurrency=``) come last.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final, final
+
+from taskprocessor.engine.middleware import Defer, Middleware, Outcome
+from taskprocessor.errors import CircuitOpen, ConfigurationError
+from taskprocessor.resilience.adaptive import AdaptiveLimit, Gradient2, Windowed
+from taskprocessor.resilience.breaker import CircuitBreaker
+from taskprocessor.resilience.ratelimit import GCRA, KeyedGCRA, RateLimit
+from taskprocessor.task import TaskState
+
+if TYPE_CHECKING:
+    from taskprocessor.engine.definition import TaskDefinition
+    from taskprocessor.task import TaskContext, TaskRecord
+
+__all__ = ["AdaptiveStage", "BreakerStage", "RateLimitStage", "as_rate_limit"]
+
+# How often tasks parked behind a half-open breaker (all probes out) ask again.
+_HALF_OPEN_RECHECK: Final = 1.0
+
+
+def as_rate_limit(setting: str, value: object) -> RateLimit:
+    """Accept a `RateLimit` or a string such as ``"100/s"``; raise `ConfigurationError`."""
+    if isinstance(value, RateLimit):
+        return value
+    if isinstance(value, str):
+        return RateLimit.parse(value)
+    raise ConfigurationError(setting, value, "a RateLimit or a string such as '100/s'")
+
+
+@final
+class RateLimitStage(Middleware):
+    """At most ``rate`` starts per ``per`` seconds (plus ``burst``), per task type or per key.
+
+    A task over the limit books the next free slot and is parked until then without
+    holding a worker; it is never failed because of its own limit. Tasks parked on one
+    limiter start best priority first, one per slot.
+    """
+
+    def __init__(self, limit: RateLimit, *, per_key: bool = False, max_keys: int = 10_000) -> None:
+        self.limit = limit
+        self.per_key = per_key
+        self._single = None if per_key else GCRA(limit)
+        self._keyed = KeyedGCRA(limit, max_keys=max_keys) if per_key else None
+
+    def admit(self, record: TaskRecord, definition: TaskDefinition, now: float) -> Defer | None:
+        """Take a token now, or book the next one and park the task until it is due."""
+        if self._keyed is not None:
+            key = record.key or ""
+            delay = self._keyed.reserve(key, now)
+        else:
+            assert self._single is not None  # noqa: S101 - one of the two is set
+            key = None
+            delay = self._single.reserve(now)
+        if delay <= 0:
+            return None
+        return Defer(until=now + delay, lane=key, reserved=True, reason="rate limit")
+
+    def revoke(self, record: TaskRecord, definition: TaskDefinition, now: float) -> None:
+        """Give the token back: a later stage deferred the task."""
+        if self._keyed is not None:
+            self._keyed.refund(record.key or "", now)
+        elif self._single is not None:
+            self._single.refund(now)
+
+    def __repr__(self) -> str:
+        scope = "per key" if self.per_key else "per task type"
+        return f"<RateLimitStage {self.limit.rate:g}/{self.limit.per:g}s {scope}>"
+
+
+@final
+class BreakerStage(Middleware):
+    """Guards a task type with a `CircuitBreaker` (shared by name across task types).
+
+    While the breaker is open, tasks are deferred until a probe may pass (the
+    default: none is lost while a dependency is down), or with ``fail_fast`` rejected
+    with `CircuitOpen` through the central error handling. Attempts that raise one
+    of ``failure_on`` (or time out) count as failures; cancelled ones do not count.
+    """
+
+    def __init__(
+        self,
+        breaker: CircuitBreaker,
+        *,
+        fail_fast: bool = False,
+        failure_on: tuple[type[BaseException], ...] = (Exception,),
+    ) -> None:
+        self.breaker = breaker
+        self.fail_fast = fail_fast
+        self.failure_on = failure_on
+
+    def admit(
+        self, record: TaskRecord, definition: TaskDefinition, now: float
+    ) -> Defer | BaseException | None:
+        """Let the call through, defer it until a probe may pass, or fail it fast."""
+        breaker = self.breaker
+        if breaker.allow(now):
+            return None
+        retry_after = breaker.retry_after(now)
+        if self.fail_fast:
+            return CircuitOpen(breaker.name, retry_after)
+        wait = retry_after if retry_after > 0 else _HALF_OPEN_RECHECK
+        return Defer(until=now + wait, lane=breaker.name, reason="circuit open")
+
+    def revoke(self, record: TaskRecord, definition: TaskDefinition, now: float) -> None:
+        """Free the probe slot the call held (a later stage deferred it)."""
+        self.breaker.release(now)
+
+    def after_run(self, record: TaskRecord, ctx: TaskContext, outcome: Outcome, state: Any) -> None:
+        """Feed the attempt's outcome to the breaker."""
+        if outcome.state is TaskState.CANCELLED:
+            self.breaker.release(outcome.finished_at)
+            return
+        failed = outcome.state is TaskState.TIMED_OUT or (
+            outcome.state is TaskState.FAILED and isinstance(outcome.error, self.failure_on)
+        )
+        self.breaker.record(outcome.finished_at, success=not failed, duration=outcome.duration)
+
+    def __repr__(self) -> str:
+        return f"<BreakerStage {self.breaker!r}>"
+
+
+@final
+class AdaptiveStage(Middleware):
+    """A concurrency limit that follows an adaptive algorithm (`AIMD` or `Gradient2`).
+
+    Tasks over the current limit wait (parked, no worker held) until running ones
+    finish; each finished attempt feeds its latency and whether it failed or timed
+    out back to the algorithm. A bare `Gradient2` is wrapped in `Windowed`.
+    """
+
+    def __init__(self, limiter: AdaptiveLimit) -> None:
+        # Gradient2 reacts to calls that started a round trip ago: feed it per window.
+        self.limiter: AdaptiveLimit = (
+            Windowed(limiter) if isinstance(limiter, Gradient2) else limiter
+        )
+        self.inflight = 0
+
+    @property
+    def limit(self) -> int:
+        """The current concurrency limit."""
+        return self.limiter.limit
+
+    def admit(self, record: TaskRecord, definition: TaskDefinition, now: float) -> Defer | None:
+        """Admit while fewer than ``limit`` run; otherwise wait for one to finish."""
+        if self.inflight >= self.limiter.limit:
+            return Defer(until=None, lane=None, reason="adaptive limit")
+        self.inflight += 1
+        return None
+
+    def revoke(self, record: TaskRecord, definition: TaskDefinition, now: float) -> None:
+        """Give the slot back."""
+        self.inflight -= 1
+
+    def room(self, now: float) -> int:
+        """Slots free now under the (possibly grown) limit."""
+        return self.limiter.limit - self.inflight
+
+    def after_run(self, record: TaskRecord, ctx: TaskContext, outcome: Outcome, state: Any) -> None:
+        """Release the slot and teach the algorithm from the attempt's latency and outcome."""
+        inflight = self.inflight
+        self.inflight -= 1
+        if outcome.state is TaskState.CANCELLED:
+            return
+        dropped = outcome.state is TaskState.FAILED or outcome.state is TaskState.TIMED_OUT
+        self.limiter.on_sample(
+            outcome.finished_at, outcome.duration, inflight=inflight, dropped=dropped
+        )
+
+    def __repr__(self) -> str:
+        kind = type(self.limiter).__name__
+        return f"<AdaptiveStage {kind} limit={self.limit} inflight={self.inflight}>"

@@ -1,0 +1,532 @@
+"""A circuit breaker as a state machine on timestamps.
+
+The breaker watches the outcomes of calls to one dependency. While the dependency
+answers (CLOSED) every call is allowed. When too many recent calls fail or are slow
+it OPENs: calls are refused at once, without loading the dependency further, for
+``open_seconds``. Then it lets a few probe calls through (HALF_OPEN): if they all
+succeed it CLOSEs again with a clean slate, if one fails it OPENs for another round::
+
+            trip: failure or slow ratio over the window
+    CLOSED ───────────────────────────────────────────> OPEN
+       ^                                             │    ^
+       │ every probe succeeded                       │    │ a probe failed
+       │                        open_seconds passed  v    │
+       └─────────────────────────────────────────── HALF_OPEN
+
+Nothing here reads a clock or awaits: each method takes ``now`` (monotonic seconds),
+and the caller raises `taskprocessor.errors.CircuitOpen` when `CircuitBreaker.allow`
+says no. State changes go to subscribers (`CircuitBreaker.subscribe`) and to the log.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import final
+
+from taskprocessor.errors import ConfigurationError
+
+__all__ = [
+    "BreakerState",
+    "BreakerStateChange",
+    "BreakerStatistics",
+    "CircuitBreaker",
+]
+
+logger = logging.getLogger(__name__)
+
+_FAILED = 1
+_SLOW = 2
+
+
+class BreakerState(enum.Enum):
+    """Where a `CircuitBreaker` stands."""
+
+    CLOSED = "closed"
+    """Calls flow; outcomes are counted in the window."""
+    OPEN = "open"
+    """Calls are refused until ``open_seconds`` have passed."""
+    HALF_OPEN = "half_open"
+    """A few probe calls test whether the dependency has recovered."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BreakerStateChange:
+    """One transition of a `CircuitBreaker`, as given to its subscribers.
+
+    Attributes:
+        name: The breaker's name.
+        old: The state left.
+        new: The state entered.
+        at: When the change happened (the ``now`` of the call that caused it).
+        reason: Why, in words (for logs and dashboards).
+    """
+
+    name: str
+    old: BreakerState
+    new: BreakerState
+    at: float
+    reason: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BreakerStatistics:
+    """A snapshot of a `CircuitBreaker`.
+
+    Attributes:
+        name: The breaker's name.
+        state: The state at the time of the snapshot.
+        calls: Outcomes in the window.
+        failures: Failed outcomes in the window.
+        slow_calls: Slow outcomes in the window (0 without ``slow_call_seconds``).
+        failure_ratio: ``failures / calls`` (0.0 with no calls).
+        slow_call_ratio: ``slow_calls / calls`` (0.0 with no calls).
+        probes_in_flight: Probe calls allowed in HALF_OPEN and not yet reported.
+        retry_after: Seconds until a call could be allowed: the rest of the cooldown
+            while OPEN, else 0.0 (see `CircuitBreaker.retry_after`).
+        times_opened: How often the breaker has opened.
+        rejected: Calls refused by `CircuitBreaker.allow`.
+        ignored: Outcomes reported while no call could be outstanding (a call allowed
+            before the breaker opened that finished while it was open or probing).
+    """
+
+    name: str
+    state: BreakerState
+    calls: int
+    failures: int
+    slow_calls: int
+    failure_ratio: float
+    slow_call_ratio: float
+    probes_in_flight: int
+    retry_after: float
+    times_opened: int
+    rejected: int
+    ignored: int
+
+
+class _CountWindow:
+    """The last ``size`` outcomes."""
+
+    __slots__ = ("calls", "failures", "outcomes", "slow")
+
+    def __init__(self, size: int) -> None:
+        self.outcomes: deque[int] = deque(maxlen=size)
+        self.calls = 0
+        self.failures = 0
+        self.slow = 0
+
+    def add(self, now: float, flags: int) -> None:
+        outcomes = self.outcomes
+        if len(outcomes) == outcomes.maxlen:
+            self._forget(outcomes[0])
+        outcomes.append(flags)
+        self.calls += 1
+        self.failures += flags & _FAILED
+        self.slow += (flags & _SLOW) >> 1
+
+    def _forget(self, flags: int) -> None:
+        self.calls -= 1
+        self.failures -= flags & _FAILED
+        self.slow -= (flags & _SLOW) >> 1
+
+    def expire(self, now: float) -> None:
+        """Nothing expires by age in a count-based window."""
+
+    def clear(self) -> None:
+        self.outcomes.clear()
+        self.calls = self.failures = self.slow = 0
+
+
+class _TimeWindow:
+    """Outcomes of the last ``ceil(seconds)`` whole seconds, one bucket per second."""
+
+    __slots__ = ("buckets", "calls", "failures", "seconds", "slow")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = max(1, math.ceil(seconds))
+        # [second, calls, failures, slow], oldest first.
+        self.buckets: deque[list[int]] = deque()
+        self.calls = 0
+        self.failures = 0
+        self.slow = 0
+
+    def expire(self, now: float) -> None:
+        oldest_kept = math.floor(now) - self.seconds + 1
+        buckets = self.buckets
+        while buckets and buckets[0][0] < oldest_kept:
+            _, calls, failures, slow = buckets.popleft()
+            self.calls -= calls
+            self.failures -= failures
+            self.slow -= slow
+
+    def add(self, now: float, flags: int) -> None:
+        self.expire(now)
+        second = math.floor(now)
+        buckets = self.buckets
+        # A clock that stepped back lands in the newest bucket rather than reordering.
+        if not buckets or buckets[-1][0] < second:
+            buckets.append([second, 0, 0, 0])
+        bucket = buckets[-1]
+        failed = flags & _FAILED
+        slow = (flags & _SLOW) >> 1
+        bucket[1] += 1
+        bucket[2] += failed
+        bucket[3] += slow
+        self.calls += 1
+        self.failures += failed
+        self.slow += slow
+
+    def clear(self) -> None:
+        self.buckets.clear()
+        self.calls = self.failures = self.slow = 0
+
+
+@final
+class CircuitBreaker:
+    """Stop calling a failing dependency for a while, then probe it.
+
+    The caller asks `allow` before each call, reports each allowed call once with
+    `record` (it was made) or `release` (it was not, e.g. a later stage deferred it),
+    and raises `taskprocessor.errors.CircuitOpen` with `retry_after` when refused.
+
+    The breaker trips when the window holds at least ``min_calls`` outcomes and the
+    failed share reaches ``failure_ratio``, or the slow share reaches
+    ``slow_call_ratio``. The window is the last ``window`` outcomes, or with
+    ``window_seconds`` the outcomes of that many last seconds (counted in one-second
+    buckets, so the window spans between ``window_seconds - 1`` and
+    ``window_seconds`` seconds).
+
+    In HALF_OPEN at most ``half_open_probes`` probes are allowed (a released probe
+    gives its place back); when that many have succeeded the breaker closes with an
+    empty window, and the first probe that fails, or is slow while slow calls trip
+    the breaker, opens it again. Outcomes are matched to probes by count, since
+    `allow` hands out no ticket: an outcome reported while no probe is outstanding
+    is ignored, one from a call allowed before the breaker opened that lands while
+    probes are out counts as a probe's.
+
+    Args:
+        window: Outcomes in the count-based window (unused with ``window_seconds``).
+        window_seconds: Use a time-based window of this many seconds instead.
+        failure_ratio: The failed share of the window that trips the breaker, above
+            0 and at most 1.
+        slow_call_ratio: The slow share that trips it; 1.0 disables tripping on slow
+            calls (they are still counted when ``slow_call_seconds`` is set).
+        slow_call_seconds: Calls longer than this many seconds are slow.
+        min_calls: Outcomes the window needs before it may trip the breaker.
+        open_seconds: Seconds the breaker stays open before probing.
+        half_open_probes: Probe calls that must succeed to close it again.
+        name: The name in logs, statistics, state changes and `CircuitOpen`.
+
+    Raises:
+        ConfigurationError: A setting is out of range.
+
+    Example:
+        >>> breaker = CircuitBreaker(window=4, min_calls=2, open_seconds=10.0, name="db")
+        >>> for now in (0.0, 0.1):
+        ...     assert breaker.allow(now)
+        ...     breaker.record(now, success=False, duration=0.05)
+        >>> breaker.state, breaker.allow(1.0), breaker.retry_after(1.0)
+        (<BreakerState.OPEN: 'open'>, False, 9.1)
+        >>> breaker.allow(10.1), breaker.state           # the first probe
+        (True, <BreakerState.HALF_OPEN: 'half_open'>)
+    """
+
+    __slots__ = (
+        "_failure_ratio",
+        "_half_open_probes",
+        "_ignored",
+        "_listeners",
+        "_min_calls",
+        "_name",
+        "_open_seconds",
+        "_opened_at",
+        "_probe_successes",
+        "_probes_recorded",
+        "_probes_released",
+        "_probes_started",
+        "_rejected",
+        "_slow_call_ratio",
+        "_slow_call_seconds",
+        "_state",
+        "_times_opened",
+        "_window",
+    )
+
+    def __init__(
+        self,
+        *,
+        window: int = 100,
+        window_seconds: float | None = None,
+        failure_ratio: float = 0.5,
+        slow_call_ratio: float = 1.0,
+        slow_call_seconds: float | None = None,
+        min_calls: int = 10,
+        open_seconds: float = 30.0,
+        half_open_probes: int = 3,
+        name: str = "breaker",
+    ) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigurationError("window", window, "a number of outcomes >= 1")
+        if window_seconds is not None and not 0 < window_seconds < math.inf:
+            raise ConfigurationError("window_seconds", window_seconds, "seconds > 0, or None")
+        if not 0 < failure_ratio <= 1:
+            raise ConfigurationError("failure_ratio", failure_ratio, "a ratio above 0, at most 1")
+        if not 0 < slow_call_ratio <= 1:
+            raise ConfigurationError(
+                "slow_call_ratio", slow_call_ratio, "a ratio above 0, at most 1 (1 disables it)"
+            )
+        if slow_call_seconds is not None and not 0 < slow_call_seconds < math.inf:
+            raise ConfigurationError("slow_call_seconds", slow_call_seconds, "seconds > 0, or None")
+        if slow_call_ratio < 1 and slow_call_seconds is None:
+            raise ConfigurationError(
+                "slow_call_seconds", None, "seconds > 0 when slow_call_ratio is below 1"
+            )
+        if isinstance(min_calls, bool) or not isinstance(min_calls, int) or min_calls < 1:
+            raise ConfigurationError("min_calls", min_calls, "a number of outcomes >= 1")
+        if window_seconds is None and min_calls > window:
+            raise ConfigurationError(
+                "min_calls", min_calls, f"at most window={window}, or the breaker never trips"
+            )
+        if not 0 <= open_seconds < math.inf:
+            raise ConfigurationError("open_seconds", open_seconds, "seconds >= 0")
+        if (
+            isinstance(half_open_probes, bool)
+            or not isinstance(half_open_probes, int)
+            or half_open_probes < 1
+        ):
+            raise ConfigurationError("half_open_probes", half_open_probes, "an integer >= 1")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError("name", name, "a non-empty string")
+        self._window: _CountWindow | _TimeWindow = (
+            _CountWindow(window) if window_seconds is None else _TimeWindow(window_seconds)
+        )
+        self._failure_ratio = float(failure_ratio)
+        self._slow_call_ratio = float(slow_call_ratio)
+        self._slow_call_seconds = slow_call_seconds
+        self._min_calls = min_calls
+        self._open_seconds = float(open_seconds)
+        self._half_open_probes = half_open_probes
+        self._name = name
+        self._state = BreakerState.CLOSED
+        self._opened_at = -math.inf
+        self._probes_started = 0
+        self._probes_released = 0
+        self._probes_recorded = 0
+        self._probe_successes = 0
+        self._listeners: list[Callable[[BreakerStateChange], object]] = []
+        self._times_opened = 0
+        self._rejected = 0
+        self._ignored = 0
+
+    @property
+    def name(self) -> str:
+        """The breaker's name."""
+        return self._name
+
+    @property
+    def state(self) -> BreakerState:
+        """The state as of the latest call; an OPEN breaker turns HALF_OPEN in `allow`."""
+        return self._state
+
+    def state_at(self, now: float) -> BreakerState:
+        """Return the state at ``now``, first moving from OPEN to HALF_OPEN if it is time."""
+        self._advance(now)
+        return self._state
+
+    def subscribe(self, listener: Callable[[BreakerStateChange], object]) -> Callable[[], None]:
+        """Call ``listener`` with every state change, after the change took effect.
+
+        A listener that raises is logged and skipped; the breaker and the other
+        listeners carry on.
+
+        Returns:
+            A function that unsubscribes the listener (safe to call twice).
+        """
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def allow(self, now: float) -> bool:
+        """Whether a call may go ahead at ``now``; True obliges a `record` or `release`.
+
+        CLOSED allows every call. OPEN allows none until ``open_seconds`` after it
+        opened, then turns HALF_OPEN, which allows ``half_open_probes`` probes.
+        """
+        self._advance(now)
+        if self._state is BreakerState.CLOSED:
+            return True
+        if (
+            self._state is BreakerState.HALF_OPEN
+            and self._probes_started - self._probes_released < self._half_open_probes
+        ):
+            self._probes_started += 1
+            return True
+        self._rejected += 1
+        return False
+
+    def retry_after(self, now: float) -> float:
+        """Seconds from ``now`` until a call could be allowed (0.0 if one would be now).
+
+        OPEN: the rest of ``open_seconds``. HALF_OPEN: 0.0, also when every probe
+        place is taken, since the probes' outcomes (not the clock) decide when the next
+        call may pass; callers that find `allow` still refusing should ask again after
+        a short interval, or subscribe to hear of the change.
+        """
+        if self._state is BreakerState.OPEN:
+            return max(0.0, self._opened_at + self._open_seconds - now)
+        return 0.0
+
+    def record(self, now: float, *, success: bool, duration: float) -> None:
+        """Report the outcome of a call that `allow` let through.
+
+        Args:
+            now: When the call ended (monotonic seconds).
+            success: Whether it succeeded; False for an error or a timeout that the
+                dependency is to blame for.
+            duration: How long the call took, in seconds (for the slow-call share).
+
+        Raises:
+            ConfigurationError: ``duration`` is negative or not a number.
+        """
+        if not duration >= 0:
+            raise ConfigurationError("duration", duration, "seconds >= 0")
+        slow = self._slow_call_seconds is not None and duration > self._slow_call_seconds
+        state = self._state
+        if state is BreakerState.CLOSED:
+            self._window.add(now, (0 if success else _FAILED) | (_SLOW if slow else 0))
+            self._check_trip(now)
+        elif state is BreakerState.HALF_OPEN and self._probes_outstanding() > 0:
+            self._probes_recorded += 1
+            if not success or (slow and self._slow_call_ratio < 1):
+                why = "failed" if not success else f"took {duration:g}s"
+                self._open(now, f"a probe {why}")
+            else:
+                self._probe_successes += 1
+                if self._probe_successes >= self._half_open_probes:
+                    self._window.clear()
+                    self._transition(
+                        now,
+                        BreakerState.CLOSED,
+                        f"{self._probe_successes} probes succeeded",
+                    )
+        else:
+            self._ignored += 1
+
+    def release(self, now: float) -> None:
+        """Report that a call `allow` let through was not made after all.
+
+        In HALF_OPEN this gives the probe's place to another call; otherwise it only
+        balances the books.
+        """
+        if self._state is BreakerState.HALF_OPEN and self._probes_outstanding() > 0:
+            self._probes_released += 1
+
+    def statistics(self, now: float) -> BreakerStatistics:
+        """Return a snapshot of the breaker at ``now`` (applying a due OPEN -> HALF_OPEN)."""
+        self._advance(now)
+        window = self._window
+        window.expire(now)
+        calls = window.calls
+        return BreakerStatistics(
+            name=self._name,
+            state=self._state,
+            calls=calls,
+            failures=window.failures,
+            slow_calls=window.slow,
+            failure_ratio=window.failures / calls if calls else 0.0,
+            slow_call_ratio=window.slow / calls if calls else 0.0,
+            probes_in_flight=self._probes_outstanding(),
+            retry_after=self.retry_after(now),
+            times_opened=self._times_opened,
+            rejected=self._rejected,
+            ignored=self._ignored,
+        )
+
+    def __repr__(self) -> str:
+        window = self._window
+        text = (
+            f"<CircuitBreaker {self._name!r} {self._state.value} calls={window.calls} "
+            f"failures={window.failures} slow={window.slow}"
+        )
+        if self._state is BreakerState.HALF_OPEN:
+            text += f" probes={self._probes_outstanding()}/{self._half_open_probes}"
+        elif self._state is BreakerState.OPEN:
+            text += f" opened_at={self._opened_at:g}"
+        return text + ">"
+
+    def _probes_outstanding(self) -> int:
+        if self._state is not BreakerState.HALF_OPEN:
+            return 0
+        return self._probes_started - self._probes_released - self._probes_recorded
+
+    def _advance(self, now: float) -> None:
+        if self._state is BreakerState.OPEN and now >= self._opened_at + self._open_seconds:
+            self._probes_started = self._probes_released = 0
+            self._probes_recorded = self._probe_successes = 0
+            self._transition(
+                now, BreakerState.HALF_OPEN, f"open for {self._open_seconds:g}s; probing"
+            )
+
+    def _check_trip(self, now: float) -> None:
+        window = self._window
+        window.expire(now)
+        calls = window.calls
+        if calls < self._min_calls:
+            return
+        if window.failures / calls >= self._failure_ratio:
+            self._open(
+                now,
+                f"{window.failures} of the last {calls} calls failed "
+                f"(ratio {window.failures / calls:.2f} >= {self._failure_ratio:g})",
+            )
+        elif self._slow_call_ratio < 1 and window.slow / calls >= self._slow_call_ratio:
+            self._open(
+                now,
+                f"{window.slow} of the last {calls} calls took longer than "
+                f"{self._slow_call_seconds:g}s "
+                f"(ratio {window.slow / calls:.2f} >= {self._slow_call_ratio:g})",
+            )
+
+    def _open(self, now: float, reason: str) -> None:
+        self._opened_at = now
+        self._times_opened += 1
+        self._transition(now, BreakerState.OPEN, reason)
+
+    def _transition(self, now: float, new: BreakerState, reason: str) -> None:
+        change = BreakerStateChange(self._name, self._state, new, now, reason)
+        self._state = new
+        if new is BreakerState.OPEN:
+            logger.warning(
+                "circuit breaker %r opened: %s; calls refused for %gs",
+                self._name,
+                reason,
+                self._open_seconds,
+            )
+        else:
+            logger.info(
+                "circuit breaker %r %s -> %s: %s",
+                self._name,
+                change.old.value,
+                new.value,
+                reason,
+            )
+        for listener in tuple(self._listeners):
+            try:
+                listener(change)
+            except Exception:
+                logger.exception(
+                    "a listener of circuit breaker %r failed on %s -> %s; ignored",
+                    self._name,
+                    change.old.value,
+                    new.value,
+                )
