@@ -58,9 +58,8 @@ class Defer:
 
 
 @final
-@dataclass(frozen=True, slots=True)
 class Outcome:
-    """How one attempt ended.
+    """How one attempt ended (made once per attempt, so a plain slotted class).
 
     Attributes:
         state: SUCCEEDED, FAILED, TIMED_OUT or CANCELLED (an attempt that will be retried
@@ -70,10 +69,22 @@ class Outcome:
         finished_at: Clock time it ended.
     """
 
-    state: TaskState
-    error: BaseException | None
-    started_at: float
-    finished_at: float
+    __slots__ = ("error", "finished_at", "started_at", "state")
+
+    def __init__(
+        self,
+        state: TaskState,
+        error: BaseException | None,
+        started_at: float,
+        finished_at: float,
+    ) -> None:
+        self.state = state
+        self.error = error
+        self.started_at = started_at
+        self.finished_at = finished_at
+
+    def __repr__(self) -> str:
+        return f"<Outcome {self.state.value} in {self.duration:.6f}s>"
 
     @property
     def duration(self) -> float:
@@ -151,7 +162,8 @@ class Hooks:
     """
 
     __slots__ = (
-        "around",
+        "after_run",
+        "before_run",
         "middleware",
         "on_dead_letter",
         "on_defer",
@@ -173,15 +185,17 @@ class Hooks:
             return tuple(_guarded(getattr(m, hook), f"{type(m).__name__}.{hook}") for m in chosen)
 
         self.on_submit = resolve("on_submit")
-        # (before_run, after_run) pairs of the middleware that override either, so the
-        # value each before_run returns reaches its own after_run.
-        self.around = tuple(
-            (
-                _guarded(m.before_run, f"{type(m).__name__}.before_run"),
-                _guarded(m.after_run, f"{type(m).__name__}.after_run"),
-            )
-            for m in self.middleware
-            if _overrides(m, "before_run") or _overrides(m, "after_run")
+        # (index, hook) pairs: the value before_run hook i returns reaches after_run hook i;
+        # after_run hooks run in reverse order of registration.
+        self.before_run = tuple(
+            (i, _guarded(m.before_run, f"{type(m).__name__}.before_run"))
+            for i, m in enumerate(self.middleware)
+            if _overrides(m, "before_run")
+        )
+        self.after_run = tuple(
+            (i, _guarded(m.after_run, f"{type(m).__name__}.after_run"))
+            for i, m in reversed(list(enumerate(self.middleware)))
+            if _overrides(m, "after_run")
         )
         self.on_retry = resolve("on_retry")
         self.on_defer = resolve("on_defer")

@@ -508,14 +508,15 @@ class WorkerPool:
         ctx = TaskContext(
             record, max_attempts=definition.retry.max_attempts, deadline=deadline, clock=self._clock
         )
-        around = hooks.around
-        states = [before(record, ctx) for before, _ in around] if around else None
+        states: dict[int, Any] | None = None
+        if hooks.before_run:
+            states = {i: before(record, ctx) for i, before in hooks.before_run}
         result, error = await self._run_handler(worker, record, definition, ctx)
         reason = ctx.cancel_reason
-        if states is not None:
+        if hooks.after_run:
             outcome = Outcome(_attempt_state(reason, error), error, now, self._clock.now())
-            for (_, after), state in zip(reversed(around), reversed(states), strict=True):
-                after(record, ctx, outcome, state)
+            for i, after in hooks.after_run:
+                after(record, ctx, outcome, None if states is None else states.get(i))
         await self._settle(record, definition, hooks, reason=reason, result=result, error=error)
 
     async def _run_handler(
