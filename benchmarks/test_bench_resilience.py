@@ -12,7 +12,7 @@ import itertools
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from taskprocessor import AIMD, GCRA, CircuitBreaker, Gradient2, KeyedGCRA, RateLimit, TaskProcessor
-from test_bench_engine import N_TASKS, noop, run_workload
+from test_bench_engine import N_TASKS, _bench, noop
 
 _FAST = RateLimit(1e9, per=1.0, burst=1_000_000)  # never binds
 
@@ -63,7 +63,7 @@ def test_gradient2_on_sample(benchmark: BenchmarkFixture) -> None:
 async def engine_with_stages_workload(n: int, workers: int) -> None:
     """The engine workload with a non-binding rate limit and a closed breaker attached."""
     app = TaskProcessor()
-    task = app.task(noop, rate_limit=_FAST, breaker=CircuitBreaker())
+    task = app.task(rate_limit=_FAST, breaker=CircuitBreaker())(noop)
     async with app.run(workers=workers):
         handles = [await task.submit() for _ in range(n)]
         for handle in handles:
@@ -81,10 +81,8 @@ async def engine_plain_workload(n: int, workers: int) -> None:
 
 
 def test_engine_without_stages(benchmark: BenchmarkFixture) -> None:
-    benchmark.pedantic(run_workload, args=(engine_plain_workload, N_TASKS, 32), rounds=5)
-    benchmark.extra_info["tasks_per_second"] = N_TASKS / benchmark.stats.stats.min
+    _bench(benchmark, engine_plain_workload, N_TASKS, 32)
 
 
 def test_engine_with_rate_limit_and_breaker(benchmark: BenchmarkFixture) -> None:
-    benchmark.pedantic(run_workload, args=(engine_with_stages_workload, N_TASKS, 32), rounds=5)
-    benchmark.extra_info["tasks_per_second"] = N_TASKS / benchmark.stats.stats.min
+    _bench(benchmark, engine_with_stages_workload, N_TASKS, 32)
