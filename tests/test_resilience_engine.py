@@ -64,7 +64,7 @@ async def test_flaky_dependency_trips_the_breaker_and_deferred_tasks_run_after_r
             await settle()
         await asyncio.wait_for(asyncio.gather(*(job.wait() for job in deferred)), 5)
     assert [await job.result() for job in deferred] == list(range(10, 20))
-    assert breaker.state is BreakerState.CLOSED
+    assert breaker.state_at(clock.now()) is BreakerState.CLOSED
     assert [(c.old, c.new) for c in changes] == [
         (BreakerState.CLOSED, BreakerState.OPEN),
         (BreakerState.OPEN, BreakerState.HALF_OPEN),
@@ -245,3 +245,41 @@ async def test_breaker_state_changes_are_logged(
         for r in caplog.records
         if r.name.startswith("taskprocessor.resilience")
     )
+
+
+async def test_key_breaker_isolates_a_failing_key(clock: FakeClock) -> None:
+    """With one breaker per key, a dead host's breaker opens while other hosts keep running."""
+    app = TaskProcessor(clock=clock)
+    made: Counter[str] = Counter()
+
+    @app.task(
+        key=lambda host: host,
+        key_breaker=lambda host: CircuitBreaker(name=host, min_calls=2, failure_ratio=1.0),
+    )
+    async def fetch(host: str) -> str:
+        made[host] += 1
+        if host == "down.example":
+            raise ConnectionError(host)
+        return host
+
+    async with app.run(workers=2):
+        for _ in range(2):
+            await (await fetch.submit("down.example")).wait(timeout=5)
+        parked = await fetch.submit("down.example")
+        ok = [await fetch.submit("up.example") for _ in range(3)]
+        await asyncio.wait_for(asyncio.gather(*(job.wait() for job in ok)), 5)
+        await settle()
+        assert parked.state is TaskState.RUNNING  # reserved, parked behind its open breaker
+        assert made == Counter({"down.example": 2, "up.example": 3})
+        await parked.cancel()
+    assert all(job.state is TaskState.SUCCEEDED for job in ok)
+
+
+def test_key_breaker_must_be_a_factory() -> None:
+    """A breaker object where a per-key factory is expected is refused, naming the option."""
+    app = TaskProcessor()
+    with pytest.raises(ConfigurationError, match="key_breaker"):
+
+        @app.task(key_breaker=CircuitBreaker())  # type: ignore[call-overload, untyped-decorator]
+        async def fetch() -> None:
+            return None

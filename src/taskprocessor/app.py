@@ -352,6 +352,7 @@ class TaskProcessor:
         rate_limit: RateLimit | str | None = None,
         key_rate_limit: RateLimit | str | None = None,
         breaker: CircuitBreaker | str | None = None,
+        key_breaker: Callable[[str], CircuitBreaker] | None = None,
         breaker_fail_fast: bool = False,
         adaptive: AdaptiveLimit | None = None,
     ) -> _TaskDecorator: ...
@@ -367,7 +368,8 @@ class TaskProcessor:
                 and ``key`` (running at once per key), ``cpu_bound`` (process pool for
                 a plain function), ``queue``, ``middleware``, ``rate_limit`` and
                 ``key_rate_limit`` (a `RateLimit` or ``"100/s"``), ``breaker`` (a
-                `CircuitBreaker` or the name of one from `breaker`) with
+                `CircuitBreaker` or the name of one from `breaker`), ``key_breaker`` (a
+                function of the key returning a breaker: one breaker per key), with
                 ``breaker_fail_fast``, ``adaptive`` (an `AIMD` or `Gradient2` limit).
 
         Raises:

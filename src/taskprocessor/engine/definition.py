@@ -42,9 +42,11 @@ def _check_limit(setting: str, value: int | None) -> int | None:
 
 
 def _stages(
+    *,
     rate_limit: RateLimit | str | None,
     key_rate_limit: RateLimit | str | None,
     breaker: CircuitBreaker | None,
+    key_breaker: Callable[[str], CircuitBreaker] | None,
     breaker_fail_fast: bool,
     adaptive: AdaptiveLimit | None,
 ) -> list[Middleware]:
@@ -54,6 +56,12 @@ def _stages(
         if not isinstance(breaker, CircuitBreaker):
             raise ConfigurationError("breaker", breaker, "a CircuitBreaker or a breaker name")
         stages.append(BreakerStage(breaker, fail_fast=breaker_fail_fast))
+    if key_breaker is not None:
+        if not callable(key_breaker) or isinstance(key_breaker, CircuitBreaker):
+            raise ConfigurationError(
+                "key_breaker", key_breaker, "a function of the key returning a CircuitBreaker"
+            )
+        stages.append(BreakerStage(key_breaker, fail_fast=breaker_fail_fast))
     if rate_limit is not None:
         stages.append(RateLimitStage(as_rate_limit("rate_limit", rate_limit)))
     if key_rate_limit is not None:
@@ -141,6 +149,7 @@ class TaskDefinition:
         rate_limit: RateLimit | str | None = None,
         key_rate_limit: RateLimit | str | None = None,
         breaker: CircuitBreaker | None = None,
+        key_breaker: Callable[[str], CircuitBreaker] | None = None,
         breaker_fail_fast: bool = False,
         adaptive: AdaptiveLimit | None = None,
     ) -> None:
@@ -199,7 +208,14 @@ class TaskDefinition:
         self.queue = queue
         self.middleware = (
             *middleware,
-            *_stages(rate_limit, key_rate_limit, breaker, breaker_fail_fast, adaptive),
+            *_stages(
+                rate_limit=rate_limit,
+                key_rate_limit=key_rate_limit,
+                breaker=breaker,
+                key_breaker=key_breaker,
+                breaker_fail_fast=breaker_fail_fast,
+                adaptive=adaptive,
+            ),
         )
         self.hooks = Hooks(self.middleware)
         self.admitters = self.hooks.admitters()

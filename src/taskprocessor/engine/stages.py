@@ -13,6 +13,8 @@ no rate-limit token; the static concurrency limits (``concurrency=``) come last.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, final
 
 from taskprocessor.engine.middleware import Defer, Middleware, Outcome
@@ -85,6 +87,9 @@ class RateLimitStage(Middleware):
 class BreakerStage(Middleware):
     """Guards a task type with a `CircuitBreaker` (shared by name across task types).
 
+    Given a function of the key instead of a breaker, each concurrency key gets its own
+    breaker (one per host, say), the least recently used dropped past ``max_keys``.
+
     While the breaker is open, tasks are deferred until a probe may pass (the
     default: none is lost while a dependency is down), or with ``fail_fast`` rejected
     with `CircuitOpen` through the central error handling. Attempts that raise one
@@ -93,20 +98,48 @@ class BreakerStage(Middleware):
 
     def __init__(
         self,
-        breaker: CircuitBreaker,
+        breaker: CircuitBreaker | Callable[[str], CircuitBreaker],
         *,
         fail_fast: bool = False,
         failure_on: tuple[type[BaseException], ...] = (Exception,),
+        max_keys: int = 10_000,
     ) -> None:
-        self.breaker = breaker
+        if isinstance(breaker, CircuitBreaker):
+            self.breaker: CircuitBreaker | None = breaker
+            self._factory: Callable[[str], CircuitBreaker] | None = None
+        else:
+            self.breaker = None
+            self._factory = breaker
+        self._by_key: OrderedDict[str, CircuitBreaker] = OrderedDict()
+        self._max_keys = max_keys
         self.fail_fast = fail_fast
         self.failure_on = failure_on
+
+    def breaker_for(self, record: TaskRecord) -> CircuitBreaker:
+        """The breaker guarding this task: the shared one, or its key's own."""
+        if self.breaker is not None:
+            return self.breaker
+        assert self._factory is not None  # noqa: S101 - one of the two is set
+        key = record.key or ""
+        breaker = self._by_key.get(key)
+        if breaker is None:
+            breaker = self._factory(key)
+            if not isinstance(breaker, CircuitBreaker):
+                raise ConfigurationError(
+                    "key_breaker", breaker, "a function returning a CircuitBreaker"
+                )
+            self._by_key[key] = breaker
+            if len(self._by_key) > self._max_keys:
+                self._by_key.popitem(last=False)  # the least recently used key's breaker
+        else:
+            self._by_key.move_to_end(key)
+        return breaker
 
     def admit(
         self, record: TaskRecord, definition: TaskDefinition, now: float
     ) -> Defer | BaseException | None:
         """Let the call through, defer it until a probe may pass, or fail it fast."""
-        breaker = self.breaker
+        breaker = self.breaker_for(record)
         if breaker.allow(now):
             return None
         retry_after = breaker.retry_after(now)
@@ -117,20 +150,22 @@ class BreakerStage(Middleware):
 
     def revoke(self, record: TaskRecord, definition: TaskDefinition, now: float) -> None:
         """Free the probe slot the call held (a later stage deferred it)."""
-        self.breaker.release(now)
+        self.breaker_for(record).release(now)
 
     def after_run(self, record: TaskRecord, ctx: TaskContext, outcome: Outcome, state: Any) -> None:
         """Feed the attempt's outcome to the breaker."""
+        breaker = self.breaker_for(record)
         if outcome.state is TaskState.CANCELLED:
-            self.breaker.release(outcome.finished_at)
+            breaker.release(outcome.finished_at)
             return
         failed = outcome.state is TaskState.TIMED_OUT or (
             outcome.state is TaskState.FAILED and isinstance(outcome.error, self.failure_on)
         )
-        self.breaker.record(outcome.finished_at, success=not failed, duration=outcome.duration)
+        breaker.record(outcome.finished_at, success=not failed, duration=outcome.duration)
 
     def __repr__(self) -> str:
-        return f"<BreakerStage {self.breaker!r}>"
+        guard = repr(self.breaker) if self.breaker is not None else f"{len(self._by_key)} keys"
+        return f"<BreakerStage {guard}>"
 
 
 @final
