@@ -14,7 +14,7 @@ A task moves through a broker like this::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,6 +71,18 @@ class Broker(Protocol):
 
         Raises:
             QueueFull: The broker is at capacity and ``block`` is False.
+        """
+        ...
+
+    async def enqueue_many(self, records: Iterable[TaskRecord], *, block: bool = True) -> None:
+        """Accept many new tasks at once (one round trip where the broker is remote).
+
+        Tasks are accepted in order; a networked broker checks every payload first, so
+        a `PayloadError` accepts none of them.
+
+        Raises:
+            QueueFull: The broker is at capacity and ``block`` is False (tasks before
+                the one refused stay accepted).
         """
         ...
 

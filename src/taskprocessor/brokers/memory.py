@@ -17,7 +17,7 @@ import heapq
 import itertools
 import logging
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, final
 
 from taskprocessor.brokers.base import BrokerStatistics
@@ -155,6 +155,11 @@ class MemoryBroker:
             self._schedule(record, record.eta)
         else:
             self._push_ready(record, now)
+
+    async def enqueue_many(self, records: Iterable[TaskRecord], *, block: bool = True) -> None:
+        """Accept tasks one after the other, as `enqueue` would."""
+        for record in records:
+            await self.enqueue(record, block=block)
 
     async def _wait_for_room(self, capacity: int) -> None:
         loop = asyncio.get_running_loop()
