@@ -283,3 +283,22 @@ def test_key_breaker_must_be_a_factory() -> None:
         @app.task(key_breaker=CircuitBreaker())  # type: ignore[call-overload, untyped-decorator]
         async def fetch() -> None:
             return None
+
+
+async def test_statistics_report_breaker_states_and_adaptive_limits(clock: FakeClock) -> None:
+    """app.statistics() shows every breaker's state by name and each adaptive limit."""
+    app = TaskProcessor(clock=clock)
+    app.breaker("db", min_calls=1, failure_ratio=1.0)
+
+    @app.task(breaker="db", adaptive=AIMD(initial_limit=7))
+    async def query() -> None:
+        raise ConnectionError("db down")
+
+    async with app.run(workers=1):
+        stats = app.statistics()
+        assert stats.breakers == {"db": BreakerState.CLOSED}
+        assert stats.limits == {query.name: 7}
+        await (await query.submit()).wait(timeout=5)
+        stats = app.statistics()
+    assert stats.breakers == {"db": BreakerState.OPEN}
+    assert stats.limits[query.name] < 7

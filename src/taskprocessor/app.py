@@ -8,8 +8,8 @@ import contextlib
 import datetime
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, final, overload
 
 from taskprocessor.brokers import Broker, BrokerStatistics, open_broker
@@ -26,6 +26,7 @@ from taskprocessor.engine.pool import (
     WorkerPool,
     check_workers,
 )
+from taskprocessor.engine.stages import AdaptiveStage, BreakerStage
 from taskprocessor.errors import (
     ConfigurationError,
     PayloadError,
@@ -35,7 +36,7 @@ from taskprocessor.errors import (
 )
 from taskprocessor.payload import find_unplain
 from taskprocessor.resilience.adaptive import AdaptiveLimit
-from taskprocessor.resilience.breaker import CircuitBreaker
+from taskprocessor.resilience.breaker import BreakerState, CircuitBreaker
 from taskprocessor.resilience.ratelimit import RateLimit
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import Priority, TaskRecord, TaskState, validate_priority
@@ -54,11 +55,21 @@ while NEW (they queue until ``run()``) or RUNNING."""
 @final
 @dataclass(frozen=True, slots=True)
 class ProcessorStatistics:
-    """A snapshot of a processor: its state, its broker's queues and its worker pool."""
+    """A snapshot of a processor: its state, its broker's queues and its worker pool.
+
+    Attributes:
+        state: The processor's lifecycle state.
+        broker: The broker's queues.
+        pool: The worker pool, None outside ``run()``.
+        breakers: The state of every circuit breaker the tasks use, by breaker name.
+        limits: The current adaptive concurrency limit, by task name.
+    """
 
     state: ProcessorState
     broker: BrokerStatistics
     pool: PoolStatistics | None
+    breakers: Mapping[str, BreakerState] = field(default_factory=dict)
+    limits: Mapping[str, int] = field(default_factory=dict)
 
 
 @final
@@ -646,7 +657,19 @@ class TaskProcessor:
     def statistics(self) -> ProcessorStatistics:
         """Return a snapshot of the processor, its queues and its workers."""
         pool = self._pool.statistics() if self._pool is not None else None
-        return ProcessorStatistics(self._state, self.broker.statistics(), pool)
+        now = self.clock.now()
+        breakers: dict[str, BreakerState] = {}
+        limits: dict[str, int] = {}
+        for definition in self._tasks.values():
+            for stage in definition.middleware:
+                if isinstance(stage, BreakerStage):
+                    for breaker in stage.breakers():
+                        breakers[breaker.name] = breaker.state_at(now)
+                elif isinstance(stage, AdaptiveStage):
+                    limits[definition.name] = stage.limit
+        return ProcessorStatistics(
+            self._state, self.broker.statistics(), pool, breakers=breakers, limits=limits
+        )
 
     def __repr__(self) -> str:
         pool = self._pool

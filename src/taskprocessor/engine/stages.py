@@ -115,6 +115,10 @@ class BreakerStage(Middleware):
         self.fail_fast = fail_fast
         self.failure_on = failure_on
 
+    def breakers(self) -> list[CircuitBreaker]:
+        """Every breaker of this stage: the shared one, or one per key seen."""
+        return [self.breaker] if self.breaker is not None else list(self._by_key.values())
+
     def breaker_for(self, record: TaskRecord) -> CircuitBreaker:
         """The breaker guarding this task: the shared one, or its key's own."""
         if self.breaker is not None:
