@@ -16,6 +16,7 @@ from typing import TextIO
 from taskprocessor.app import JobHandle, TaskProcessor
 from taskprocessor.engine.autoscaler import Autoscale
 from taskprocessor.engine.failures import Decision, Failure
+from taskprocessor.resilience.adaptive import AIMD
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import Priority, TaskContext, TaskState
 
@@ -34,6 +35,23 @@ def _build(rng: random.Random) -> tuple[TaskProcessor, dict[str, object]]:
         return None
 
     app = TaskProcessor(on_error=on_error, aging=2.0)
+    payments = app.breaker(
+        "payments", min_calls=5, failure_ratio=0.5, open_seconds=0.4, half_open_probes=2
+    )
+    outage_ends = time.perf_counter() + 0.5  # the payment provider is down for half a second
+
+    @app.task(
+        name="charge",
+        breaker="payments",
+        rate_limit="300/s",
+        retry=RetryPolicy(max_attempts=3, base_delay=0.05, retry_on=(ConnectionError,)),
+    )
+    async def charge(order: int) -> str:
+        """A payment call behind a breaker and a rate limit; the provider has an outage."""
+        await asyncio.sleep(0.002)
+        if time.perf_counter() < outage_ends:
+            raise ConnectionError("payment provider unavailable")
+        return f"order-{order}"
 
     @app.task(
         name="fetch",
@@ -41,6 +59,7 @@ def _build(rng: random.Random) -> tuple[TaskProcessor, dict[str, object]]:
         key_concurrency=2,
         key=lambda host, path: host,
         timeout=1.0,
+        adaptive=AIMD(initial_limit=8, max_limit=32),
     )
     async def fetch(ctx: TaskContext, host: str, path: str) -> int:
         """An HTTP call: flaky (retried with backoff), at most 2 at once per host."""
@@ -69,14 +88,18 @@ def _build(rng: random.Random) -> tuple[TaskProcessor, dict[str, object]]:
         await asyncio.sleep(0.001)
         return message.upper()
 
-    return app, {"fetch": fetch, "thumbnail": thumbnail, "crawl": crawl, "alert": alert}
+    del payments  # declared for its name; the progress line reads its state from statistics
+    kinds = {"fetch": fetch, "thumbnail": thumbnail, "crawl": crawl, "alert": alert}
+    return app, {**kinds, "charge": charge}
 
 
 async def run_demo(*, tasks: int = 400, out: TextIO, seed: int = 7) -> int:
     """Run the demo workload and print progress and a summary to ``out``; return 0."""
     rng = random.Random(seed)
     app, kinds = _build(rng)
-    fetch, thumbnail, crawl, alert = (kinds[k] for k in ("fetch", "thumbnail", "crawl", "alert"))
+    fetch, thumbnail, crawl, alert, charge = (
+        kinds[k] for k in ("fetch", "thumbnail", "crawl", "alert", "charge")
+    )
     policy = Autoscale(min_workers=2, max_workers=24, backlog_per_worker=4, interval=0.2)
     started = time.perf_counter()
     jobs: list[JobHandle[object]] = []
@@ -85,7 +108,9 @@ async def run_demo(*, tasks: int = 400, out: TextIO, seed: int = 7) -> int:
     async with app.run(autoscale=policy):
         for i in range(tasks):
             roll = rng.random()
-            if roll < 0.5:
+            if roll < 0.15:
+                job = await charge.submit(i)  # type: ignore[attr-defined]
+            elif roll < 0.5:
                 host = rng.choice(_HOSTS)
                 path = "/admin" if i % 97 == 0 else f"/items/{i}"
                 job = await fetch.submit(host, path)  # type: ignore[attr-defined]
@@ -110,7 +135,9 @@ async def run_demo(*, tasks: int = 400, out: TextIO, seed: int = 7) -> int:
             out.write(
                 f"  {time.perf_counter() - started:5.1f}s  done {done:4d}/{len(jobs)}  "
                 f"queued {stats.broker.queued:4d}  running {stats.pool.busy:3d}  "
-                f"workers {stats.pool.workers:3d}  retried {stats.pool.retried:3d}\n"
+                f"workers {stats.pool.workers:3d}  retried {stats.pool.retried:3d}  "
+                f"payments {stats.breakers['payments'].value:9s}  "
+                f"fetch limit {stats.limits.get('fetch', 0):2d}\n"
             )
             await asyncio.wait({joined}, timeout=0.25)
         await joined
@@ -122,7 +149,7 @@ async def run_demo(*, tasks: int = 400, out: TextIO, seed: int = 7) -> int:
     by_type: Counter[tuple[str, TaskState]] = Counter((job.name, job.state) for job in jobs)
     out.write(f"\nfinished {len(jobs)} tasks in {elapsed:.2f}s ({len(jobs) / elapsed:.0f}/s)\n")
     out.write(f"{'task':<12}" + "".join(f"{s.value:>11}" for s in TaskState if s.is_final) + "\n")
-    for name in ("fetch", "thumbnail", "crawl", "alert"):
+    for name in ("charge", "fetch", "thumbnail", "crawl", "alert"):
         row = "".join(f"{by_type[(name, s)]:>11}" for s in TaskState if s.is_final)
         out.write(f"{name:<12}{row}\n")
     out.write(

@@ -111,7 +111,7 @@ def _not_int(value: object) -> bool:
 
 async def run_autoscaler(pool: WorkerPool, broker: Broker, policy: Autoscale, clock: Clock) -> None:
     """Apply ``policy`` to ``pool`` every ``policy.interval`` seconds, until cancelled."""
-    last_change = clock.now()
+    last_change = float("-inf")  # no change yet: no cooldown holds the first decision
     while True:
         await clock.sleep(policy.interval)
         queued, _ = await broker.depth()

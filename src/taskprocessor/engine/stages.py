@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 from taskprocessor.engine.middleware import Defer, Middleware, Outcome
 from taskprocessor.errors import CircuitOpen, ConfigurationError
 from taskprocessor.resilience.adaptive import AdaptiveLimit, Gradient2, Windowed
-from taskprocessor.resilience.breaker import CircuitBreaker
+from taskprocessor.resilience.breaker import BreakerState, CircuitBreaker
 from taskprocessor.resilience.ratelimit import GCRA, KeyedGCRA, RateLimit
 from taskprocessor.task import TaskState
 
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AdaptiveStage", "BreakerStage", "RateLimitStage", "as_rate_limit"]
 
-# How often tasks parked behind a half-open breaker (all probes out) ask again.
-_HALF_OPEN_RECHECK: Final = 1.0
+# "Everyone waiting may ask again": a breaker that closed lets its whole lane through.
+_ALL: Final = 1 << 30
 
 
 def as_rate_limit(setting: str, value: object) -> RateLimit:
@@ -149,8 +149,16 @@ class BreakerStage(Middleware):
         retry_after = breaker.retry_after(now)
         if self.fail_fast:
             return CircuitOpen(breaker.name, retry_after)
-        wait = retry_after if retry_after > 0 else _HALF_OPEN_RECHECK
-        return Defer(until=now + wait, lane=breaker.name, reason="circuit open")
+        if retry_after > 0:  # open: ask again when a probe may pass
+            return Defer(until=now + retry_after, lane=breaker.name, reason="circuit open")
+        # Half-open with every probe out: ask again when one of them finishes.
+        return Defer(until=None, lane=breaker.name, reason="circuit half-open")
+
+    def room(self, now: float) -> int:
+        """Tasks waiting on a half-open breaker that may ask again after a probe ended."""
+        if self.breaker is None or self.breaker.state_at(now) is BreakerState.CLOSED:
+            return _ALL
+        return 1
 
     def revoke(self, record: TaskRecord, definition: TaskDefinition, now: float) -> None:
         """Free the probe slot the call held (a later stage deferred it)."""
