@@ -446,7 +446,7 @@ async def test_without_an_sdk_an_incoming_trace_context_is_passed_on(
     handler submits carry the same trace (no spans of ours, but the trace is not cut)."""
     if global_provider_is_set():
         pytest.skip("another test set the global tracer provider")
-    app = TaskProcessor(middleware=[TracingMiddleware()])
+    app = TaskProcessor(middleware=[TracingMiddleware(propagate_without_sdk=True)])
     child_headers: list[dict[str, str]] = []
 
     @app.task(name="child")
@@ -493,22 +493,29 @@ def test_repr_and_bad_provider(tracing: TracingMiddleware) -> None:
 async def test_a_global_provider_set_after_creation_is_used_from_then_on(
     provider: TracerProvider, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Following the global provider: tasks before an SDK is configured make no spans,
-    tasks after it do (the SDK is often set up in main(), after the app was created)."""
+    """Following the global provider: a run started before an SDK is configured makes no
+    spans; one started after it does (the SDK is often set up in main(), after the app
+    was created)."""
     if global_provider_is_set():
         pytest.skip("another test set the global tracer provider")
     tracing = TracingMiddleware()
+    before = TaskProcessor(middleware=[tracing])
     app = TaskProcessor(middleware=[tracing])
+
+    @before.task(name="work")
+    async def early() -> None:
+        pass
 
     @app.task(name="work")
     async def work() -> None:
         pass
 
+    async with before.run(workers=1):
+        await (await early.submit()).result(timeout=BOUND)
+    assert exporter.get_finished_spans() == ()
+    # What trace.set_tracer_provider does, undone by monkeypatch after the test.
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
     async with app.run(workers=1):
-        await (await work.submit()).result(timeout=BOUND)
-        assert exporter.get_finished_spans() == ()
-        # What trace.set_tracer_provider does, undone by monkeypatch after the test.
-        monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
         await (await work.submit()).result(timeout=BOUND)
 
     assert sorted(s.name for s in exporter.get_finished_spans()) == ["process work", "send work"]

@@ -18,7 +18,7 @@ from taskprocessor.engine.autoscaler import Autoscale, run_autoscaler
 from taskprocessor.engine.definition import SUBMIT_OPTIONS, KeyFunction, TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
-from taskprocessor.engine.middleware import Hooks, Middleware
+from taskprocessor.engine.middleware import Hooks, Middleware, hook_failed
 from taskprocessor.engine.pool import (
     PoolState,
     PoolStatistics,
@@ -502,7 +502,10 @@ class TaskProcessor:
         definition = self._tasks.get(record.name)
         if definition is not None:
             for hook in definition.hooks.on_submit:
-                hook(record)
+                try:
+                    hook(record)
+                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                    hook_failed(hook)
         await self.broker.enqueue(record, block=block)
         return JobHandle(self, record)
 
@@ -599,6 +602,8 @@ class TaskProcessor:
                 "create a new one to run again"
             )
         self._loop = asyncio.get_running_loop()
+        for definition in self._tasks.values():
+            definition.activate()
         await self.broker.start()
         executors = Executors(max_threads=self._max_threads, max_processes=self._max_processes)
         pool = WorkerPool(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
@@ -16,6 +17,8 @@ from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import TaskContext, validate_priority
 
 __all__ = ["SUBMIT_OPTIONS", "TaskDefinition", "check_timeout"]
+
+logger = logging.getLogger(__name__)
 
 # Keyword arguments of submit() that are options, not handler arguments. A handler
 # parameter with one of these names can still be passed through Task.apply(kwargs=...).
@@ -218,6 +221,19 @@ class TaskDefinition:
             ),
         )
         self.hooks = Hooks(self.middleware)
+        self.admitters = self.hooks.admitters()
+
+    def activate(self) -> None:
+        """Resolve the hooks again, leaving out middleware whose `enabled` says no."""
+        active = []
+        for middleware in self.middleware:
+            try:
+                if middleware.enabled():
+                    active.append(middleware)
+            except Exception:
+                logger.exception("%r.enabled() failed; leaving it in", middleware)
+                active.append(middleware)
+        self.hooks = Hooks(active)
         self.admitters = self.hooks.admitters()
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from taskprocessor.engine.definition import TaskDefinition
     from taskprocessor.task import TaskContext, TaskRecord
 
-__all__ = ["Defer", "Hooks", "Middleware", "Outcome"]
+__all__ = ["Defer", "Hooks", "Middleware", "Outcome", "hook_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,14 @@ class Middleware:
     on one task type (``@app.task(middleware=[...])``).
     """
 
+    def enabled(self) -> bool:
+        """Whether this middleware takes part; asked once, when the processor starts running.
+
+        One with nothing to do in this run (tracing with no SDK configured) returns False
+        and then costs nothing per task.
+        """
+        return True
+
     def on_submit(self, record: TaskRecord) -> None:
         """Called on the producer's side before the task is queued (headers may be added)."""
 
@@ -142,23 +150,23 @@ def _overrides(middleware: Middleware, hook: str) -> bool:
     return getattr(type(middleware), hook) is not getattr(Middleware, hook)
 
 
-def _guarded(hook: Callable[..., Any], name: str) -> Callable[..., Any]:
-    def call(*args: Any) -> Any:
-        try:
-            return hook(*args)
-        except Exception:
-            logger.exception("middleware hook %s failed; the task carries on", name)
-            return None
+def hook_failed(hook: Callable[..., Any]) -> None:
+    """Log the exception a middleware hook raised (call from an ``except`` block).
 
-    return call
+    Hooks are called bare, each in its own ``try`` at the call site: a wrapper function
+    per hook would cost a Python call on every task.
+    """
+    owner = getattr(hook, "__self__", None)
+    name = f"{type(owner).__name__}.{getattr(hook, '__name__', '?')}"
+    logger.exception("middleware hook %s failed; the task carries on", name)
 
 
 @final
 class Hooks:
     """The observer hooks of a list of middleware, resolved once for cheap dispatch.
 
-    Each attribute is a tuple of the bound hooks of the middleware that override it,
-    each guarded so that an exception is logged instead of raised.
+    Each attribute is a tuple of the bound hooks of the middleware that override it.
+    Callers run each in a ``try`` and report failures with `hook_failed`.
     """
 
     __slots__ = (
@@ -182,18 +190,16 @@ class Hooks:
 
         def resolve(hook: str) -> tuple[Callable[..., Any], ...]:
             chosen = [m for m in self.middleware if _overrides(m, hook)]
-            return tuple(_guarded(getattr(m, hook), f"{type(m).__name__}.{hook}") for m in chosen)
+            return tuple(getattr(m, hook) for m in chosen)
 
         self.on_submit = resolve("on_submit")
         # (index, hook) pairs: the value before_run hook i returns reaches after_run hook i;
         # after_run hooks run in reverse order of registration.
         self.before_run = tuple(
-            (i, _guarded(m.before_run, f"{type(m).__name__}.before_run"))
-            for i, m in enumerate(self.middleware)
-            if _overrides(m, "before_run")
+            (i, m.before_run) for i, m in enumerate(self.middleware) if _overrides(m, "before_run")
         )
         self.after_run = tuple(
-            (i, _guarded(m.after_run, f"{type(m).__name__}.after_run"))
+            (i, m.after_run)
             for i, m in reversed(list(enumerate(self.middleware)))
             if _overrides(m, "after_run")
         )

@@ -30,7 +30,7 @@ from taskprocessor.engine.definition import TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import Action, Decision, ErrorHandler, Failure
 from taskprocessor.engine.limits import ConcurrencyLimits
-from taskprocessor.engine.middleware import Defer, Hooks, Outcome
+from taskprocessor.engine.middleware import Defer, Hooks, Outcome, hook_failed
 from taskprocessor.errors import (
     BrokerError,
     ConfigurationError,
@@ -445,7 +445,10 @@ class WorkerPool:
         definition = self._registry.get(record.name)
         if definition is not None:
             for hook in definition.hooks.on_defer:
-                hook(record, defer)
+                try:
+                    hook(record, defer)
+                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                    hook_failed(hook)
 
     def _hand_back_soon(self, records: list[TaskRecord]) -> None:
         """Return tasks woken by an admission lane to the queue (from a timer callback)."""
@@ -510,13 +513,21 @@ class WorkerPool:
         )
         states: dict[int, Any] | None = None
         if hooks.before_run:
-            states = {i: before(record, ctx) for i, before in hooks.before_run}
+            states = {}
+            for i, before in hooks.before_run:
+                try:
+                    states[i] = before(record, ctx)
+                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                    hook_failed(before)
         result, error = await self._run_handler(worker, record, definition, ctx)
         reason = ctx.cancel_reason
         if hooks.after_run:
             outcome = Outcome(_attempt_state(reason, error), error, now, self._clock.now())
             for i, after in hooks.after_run:
-                after(record, ctx, outcome, None if states is None else states.get(i))
+                try:
+                    after(record, ctx, outcome, None if states is None else states.get(i))
+                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                    hook_failed(after)
         await self._settle(record, definition, hooks, reason=reason, result=result, error=error)
 
     async def _run_handler(
@@ -595,9 +606,15 @@ class WorkerPool:
         await self._broker.ack(record, state, result=result, error=error, dead_letter=dead_letter)
         if dead_letter is not None:
             for hook in hooks.on_dead_letter:
-                hook(record, dead_letter)
+                try:
+                    hook(record, dead_letter)
+                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                    hook_failed(hook)
         for hook in hooks.on_settled:
-            hook(record)
+            try:
+                hook(record)
+            except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                hook_failed(hook)
 
     def _take_back_interrupt(self, worker: _Worker) -> bool:
         """Balance the cancel() an interrupt sent; return False if another cancel is pending."""
@@ -636,7 +653,10 @@ class WorkerPool:
                 extra=extra,
             )
             for hook in hooks.on_retry:
-                hook(record, error, decision.delay)
+                try:
+                    hook(record, error, decision.delay)
+                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                    hook_failed(hook)
             await self._broker.retry(record, self._clock.now() + decision.delay)
             return
         timed_out = isinstance(error, TaskTimeout)
@@ -738,7 +758,10 @@ class WorkerPool:
             definition = self._registry.get(record.name)
             if definition is not None:
                 for hook in definition.hooks.on_settled:
-                    hook(record)
+                    try:
+                        hook(record)
+                    except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                        hook_failed(hook)
 
     # -- introspection -------------------------------------------------------------
 

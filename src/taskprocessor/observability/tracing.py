@@ -88,14 +88,19 @@ class TracingMiddleware(Middleware):
     Args:
         tracer_provider: Where spans go; None for the global provider, looked up
             until one is set (so an SDK configured after this middleware is created,
-            but before tasks run, is used).
+            but before the processor runs, is used).
+        propagate_without_sdk: With no SDK, still pass an incoming trace context on
+            to the tasks a handler submits (costs a few hook calls per task).
 
     Example:
         >>> from taskprocessor import TaskProcessor
         >>> app = TaskProcessor(middleware=[TracingMiddleware()])
     """
 
-    def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self, tracer_provider: TracerProvider | None = None, *, propagate_without_sdk: bool = False
+    ) -> None:
+        self._propagate_without_sdk = propagate_without_sdk
         self._tracer: Tracer | None = None
         self._follow_global = tracer_provider is None
         # The task id and span context of the latest failed attempt, for the retry or
@@ -107,6 +112,15 @@ class TracingMiddleware(Middleware):
             raise ConfigurationError("tracer_provider", tracer_provider, "a TracerProvider or None")
         else:
             self._tracer = _real(tracer_provider.get_tracer(_SCOPE, _version()))
+
+    def enabled(self) -> bool:
+        """Take part in a run only when spans are recorded (an SDK is set when it starts).
+
+        Without an SDK the hooks are left out entirely, so the API-only path costs
+        nothing per task, unless ``propagate_without_sdk`` asks to pass on a trace
+        context that arrives in a task's headers to the tasks its handler submits.
+        """
+        return self._propagate_without_sdk or self._active() is not None
 
     def _active(self) -> Tracer | None:
         """The tracer, or None while tracing is a no-op."""
