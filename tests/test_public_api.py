@@ -38,6 +38,7 @@ NOT_REEXPORTED = frozenset(
         "validate_priority",  # taskprocessor.task: applied by submit() and @app.task
         "open_broker",  # taskprocessor.brokers: used by TaskProcessor(broker="memory://")
         "Hooks",  # taskprocessor.engine.middleware: the resolved dispatch tables the pool uses
+        "hook_failed",  # taskprocessor.engine.middleware: how the engine logs a failing hook
     }
 )
 

@@ -1,0 +1,172 @@
+"""The producer's side of the Redis broker: records handed out, settled by their outcome.
+
+A producer keeps each record it submitted (or looked up with ``get``) until the task
+ends. The script that ends a task publishes its outcome to the producer's reply
+channel; the producer finds the record here by id, sets its state, result or error,
+and settles it, which wakes ``job.result()``. Errors are rebuilt from their encoded
+form (see `taskprocessor.brokers.codec`), the same way whether the task ran in this
+process or elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, final
+
+from redis.exceptions import RedisError
+
+from taskprocessor.brokers.codec import (
+    DecodeError,
+    Outcome,
+    decode_outcome,
+    decode_stored,
+    rebuild_error,
+)
+from taskprocessor.clock import Clock
+from taskprocessor.errors import BrokerError
+from taskprocessor.task import TaskRecord, TaskState
+
+__all__ = ["Waiting", "listen"]
+
+logger = logging.getLogger("taskprocessor.brokers.redis")
+
+_BACKOFF_MIN: Final = 0.05
+_BACKOFF_MAX: Final = 5.0
+
+
+@final
+class Waiting:
+    """Local records of unfinished tasks, by id (several when one task was submitted twice)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._records: dict[str, TaskRecord] = {}
+        self._twins: dict[str, list[TaskRecord]] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._records
+
+    def ids(self) -> list[str]:
+        """The ids of every task waited for."""
+        return list(self._records)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        """Return the (first) local record of a task, or None."""
+        return self._records.get(task_id)
+
+    def track(self, record: TaskRecord) -> None:
+        """Wait for ``record``'s task to end."""
+        current = self._records.setdefault(record.id, record)
+        if current is not record:
+            twins = self._twins.setdefault(record.id, [])
+            if record not in twins:
+                twins.append(record)
+
+    def untrack(self, record: TaskRecord) -> None:
+        """Stop waiting with ``record`` (its submit failed, or it changed id)."""
+        if self._records.get(record.id) is record:
+            del self._records[record.id]
+            twins = self._twins.pop(record.id, None)
+            if twins:
+                self._records[record.id] = twins.pop(0)
+                if twins:
+                    self._twins[record.id] = twins
+        else:
+            twins = self._twins.get(record.id)
+            if twins and record in twins:
+                twins.remove(record)
+
+    def forget(self, task_id: str) -> None:
+        """Stop waiting for a task, leaving its records as they are."""
+        self._records.pop(task_id, None)
+        self._twins.pop(task_id, None)
+
+    def mark(self, task_id: str, state: TaskState, attempt: int | None = None) -> None:
+        """Note a task's new unfinished state (reserved, retried, taken back)."""
+        record = self._records.get(task_id)
+        if record is not None:
+            for local in (record, *self._twins.get(task_id, ())):
+                local.state = state
+                if attempt is not None:
+                    local.attempt = attempt
+
+    def settle(self, outcome: Outcome) -> None:
+        """Finish every local record of a task from its outcome, and wake its waiters."""
+        record = self._records.pop(outcome.task_id, None)
+        if record is None:
+            return
+        for local in (record, *self._twins.pop(outcome.task_id, ())):
+            local.state = outcome.state
+            local.attempt = max(local.attempt, outcome.attempt)
+            local.finished_at = self._clock.now()
+            local.dead_letter_reason = outcome.dead_letter
+            if outcome.state is TaskState.SUCCEEDED:
+                local.result, local.error = outcome.result, None
+            else:
+                local.result = None
+                local.error = rebuild_error(outcome.error, local.id, local.name)
+            local.settle()
+
+    def absorb(self, task_id: str, stored: list[bytes], offset: float) -> TaskRecord:
+        """Bring a task read from Redis into its local record (tracked while unfinished).
+
+        Args:
+            task_id: The task.
+            stored: ``[state, body, attempt, outcome, dead-letter reason]`` (the get script).
+            offset: Seconds the engine's clock is behind POSIX time.
+        """
+        state_value, body, attempt, outcome, dead = stored
+        record = self._records.get(task_id)
+        if record is None:
+            record = decode_stored(body, task_id=task_id, offset=offset)
+            self.track(record)
+        state = TaskState(state_value.decode())
+        if not state.is_final:
+            self.mark(task_id, state, int(attempt))
+            return record
+        self.settle(decode_outcome(outcome) if outcome else Outcome(task_id, state, 0, None, None))
+        record.dead_letter_reason = dead.decode() or None
+        return record
+
+
+async def listen(
+    pubsub: Any,
+    reply_channel: str,
+    waiting: Waiting,
+    on_cancel: Callable[[str], None],
+    sweep: Callable[[], Awaitable[None]],
+) -> None:
+    """Dispatch pub/sub messages forever: outcomes to ``waiting``, cancel notices to ``on_cancel``.
+
+    After a lost connection it resubscribes and runs ``sweep``, which settles the
+    records of tasks that ended while no message could reach this process.
+    """
+    reply = reply_channel.encode()
+    backoff = _BACKOFF_MIN
+    while True:
+        try:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+        except RedisError as exc:
+            logger.warning("lost the broker's subscription; resubscribing: %s", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+            with contextlib.suppress(BrokerError, RedisError):
+                await pubsub.ping()  # reconnects, and resubscribes on connecting
+                await sweep()
+            continue
+        backoff = _BACKOFF_MIN
+        if message is None or message.get("type") != "message":
+            continue
+        if message["channel"] != reply:
+            on_cancel(message["data"].decode())
+            continue
+        try:
+            waiting.settle(decode_outcome(message["data"]))
+        except DecodeError as exc:
+            logger.error("ignored an unreadable outcome message: %s", exc)  # noqa: TRY400

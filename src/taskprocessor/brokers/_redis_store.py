@@ -1,0 +1,420 @@
+"""The Redis broker's storage: key layout, Lua scripts, and the connection that runs them.
+
+Every key of a queue carries the hash tag ``{tp:<queue>}``, so Redis Cluster keeps a
+queue on one shard and each script touches one slot::
+
+    {tp:q}:ready     ZSET  id -> (100 - priority) * 2**46 + sequence  (lowest runs first)
+    {tp:q}:delayed   ZSET  id -> due time, ms
+    {tp:q}:leases    ZSET  id -> lease deadline, ms on the server's clock
+    {tp:q}:dead      ZSET  id -> sequence (oldest dead letter first)
+    {tp:q}:t:<id>    HASH  body, state, attempt, token, score, prio, max, reply, outcome, ...
+    {tp:q}:u:<key>   STRING  the id of the task holding a unique key, with a TTL
+    {tp:q}:seq, :fence   counters: ready order, lease tokens
+    {tp:q}:wake      LIST  a marker that wakes one idle worker process (BLPOP)
+    {tp:q}:stats     HASH  enqueued, finished
+    {tp:q}:cancel    pub/sub channel: ids of running tasks to interrupt
+
+A finished task's hash expires after ``result_ttl``; a dead letter's never does. Each
+state transition is one script in ``lua/`` (with ``_common.lua`` in front of it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, final
+
+from taskprocessor.brokers.base import BrokerStatistics
+from taskprocessor.errors import BrokerError, BrokerUnavailable
+
+try:
+    import redis as redis_sync
+    import redis.asyncio as redis_async
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'the Redis broker needs redis-py: pip install "taskprocessor[redis]"'
+    ) from exc
+
+__all__ = ["SCRIPT_NAMES", "QueueKeys", "Scripts", "Store", "load_sources"]
+
+logger = logging.getLogger("taskprocessor.brokers.redis")
+
+SCRIPT_NAMES: Final = (
+    "ack",
+    "cancel",
+    "cancel_all",
+    "enqueue",
+    "extend",
+    "get",
+    "purge",
+    "recover",
+    "requeue",
+    "reserve",
+    "retry",
+    "stats",
+)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """The names of one queue's keys."""
+
+    queue: str
+    prefix: str
+    ready: str
+    delayed: str
+    leases: str
+    dead: str
+    wake: str
+    cancel_channel: str
+
+    @classmethod
+    def of(cls, queue: str) -> QueueKeys:
+        """Return the keys of ``queue``."""
+        p = f"{{tp:{queue}}}:"
+        return cls(
+            queue, p, f"{p}ready", f"{p}delayed", f"{p}leases", f"{p}dead", f"{p}wake", f"{p}cancel"
+        )
+
+    def task(self, task_id: str) -> str:
+        """Return the key of a task's hash."""
+        return f"{self.prefix}t:{task_id}"
+
+    def unique(self, key: str) -> str:
+        """Return the key that holds a unique key's task id."""
+        return f"{self.prefix}u:{key}"
+
+
+def load_sources() -> dict[str, str]:
+    """Return each script's source, with the shared helpers in front."""
+    folder = importlib.resources.files("taskprocessor.brokers") / "lua"
+    common = (folder / "_common.lua").read_text(encoding="utf-8")
+    return {
+        name: f"{common}\n{(folder / f'{name}.lua').read_text(encoding='utf-8')}"
+        for name in SCRIPT_NAMES
+    }
+
+
+_SOURCES: dict[str, str] | None = None
+
+
+@final
+class Scripts:
+    """The scripts' SHA digests in a server; called by name, reloaded after a NOSCRIPT."""
+
+    __slots__ = ("_shas", "_sources")
+
+    def __init__(self) -> None:
+        global _SOURCES  # noqa: PLW0603 - read the package data once per process
+        if _SOURCES is None:
+            _SOURCES = load_sources()
+        self._sources = _SOURCES
+        self._shas: dict[str, str] = {}
+
+    async def load(self, client: Any) -> None:
+        """Load every script into the server behind ``client`` (SCRIPT LOAD is idempotent)."""
+        async with client.pipeline(transaction=False) as pipe:
+            for source in self._sources.values():
+                pipe.script_load(source)
+            shas = await pipe.execute()
+        self._shas = {name: _text(sha) for name, sha in zip(self._sources, shas, strict=True)}
+
+    def load_sync(self, client: Any) -> None:
+        """Load every script through a synchronous client (the heartbeat thread's)."""
+        self._shas = {name: _text(client.script_load(src)) for name, src in self._sources.items()}
+
+    def queue(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Add a call of script ``name`` to a pipeline."""
+        pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+
+    async def call(self, client: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run script ``name``; if the server lost its scripts (a restart), load them again."""
+        try:
+            return await client.evalsha(self._shas[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load(client)
+            return await client.evalsha(self._shas[name], len(keys), *keys, *args)
+
+    def call_sync(self, client: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run script ``name`` through a synchronous client."""
+        try:
+            return client.evalsha(self._shas[name], len(keys), *keys, *args)
+        except NoScriptError:
+            self.load_sync(client)
+            return client.evalsha(self._shas[name], len(keys), *keys, *args)
+
+
+def _is_noscript(reply: object) -> bool:
+    return isinstance(reply, NoScriptError)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@final
+class Store:
+    """The broker's connections: commands and scripts, a blocking one, and pub/sub.
+
+    Redis errors leave it as `BrokerUnavailable` (the server cannot be reached) or
+    `BrokerError` (it refused), with the masked URL in the message.
+
+    Args:
+        url: The server's URL, password included.
+        masked: The URL for messages, password masked.
+        options: Keyword arguments for ``Redis.from_url``.
+    """
+
+    def __init__(self, url: str, masked: str, options: Mapping[str, Any]) -> None:
+        self._url = url
+        self.url = masked
+        self._options = dict(options)
+        self.scripts = Scripts()
+        self.client: Any = None
+        self.pubsub: Any = None
+        self._blocking: Any = None
+        # Script calls waiting for the next pipeline, and the task sending them.
+        self._batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.round_trips = 0
+        """Pipelines sent for batched calls (each carries one or more calls)."""
+
+    def unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        """The error to raise when the server cannot be reached."""
+        return BrokerUnavailable(
+            f"Redis at {self.url} is unavailable: {exc}. Check that the server runs and that "
+            "the URL (host, port, password, TLS) is right."
+        )
+
+    async def open(self, channels: Sequence[str]) -> float:
+        """Connect, warn about eviction, load the scripts, subscribe to ``channels``.
+
+        Returns:
+            The server's clock, POSIX seconds.
+
+        Raises:
+            BrokerUnavailable: The server does not answer.
+        """
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+        client = redis_async.Redis.from_url(self._url, **{"retry": retry, **self._options})
+        pubsub = client.pubsub()
+        try:
+            await client.ping()
+            await self._warn_about_eviction(client)
+            await self.scripts.load(client)
+            await _subscribe(pubsub, channels)
+            seconds, micros = await client.time()
+        except BaseException as exc:
+            await pubsub.aclose()
+            await client.aclose()
+            if isinstance(exc, RedisError):
+                raise self.unavailable(exc) from exc
+            raise
+        self.client, self.pubsub = client, pubsub
+        blocking_options = {**self._options, "socket_timeout": None}
+        self._blocking = redis_async.Redis.from_url(self._url, **blocking_options)
+        return float(seconds + micros / 1e6)
+
+    async def _warn_about_eviction(self, client: Any) -> None:
+        try:
+            reply = await client.config_get("maxmemory-policy")
+        except ResponseError as exc:  # CONFIG is often disabled on managed services
+            logger.info("could not read maxmemory-policy from %s: %s", self.url, exc)
+            return
+        policy = _text(next(iter(reply.values()), b"noeviction"))  # str or bytes keys/values
+        if policy != "noeviction":
+            logger.warning(
+                "Redis at %s has maxmemory-policy %s: under memory pressure it evicts keys, "
+                "which silently destroys queued tasks, leases and results. Set it to "
+                "noeviction (CONFIG SET maxmemory-policy noeviction, or in redis.conf).",
+                self.url,
+                policy,
+            )
+
+    async def aclose(self) -> None:
+        """Send the calls still batched, then close every connection. Safe to call twice."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        resources = (self.pubsub, self._blocking, self.client)
+        self.pubsub = self._blocking = self.client = None
+        for resource in resources:
+            if resource is not None:
+                try:
+                    await resource.aclose()
+                except (RedisError, OSError) as exc:
+                    logger.debug("closing a connection to %s failed: %s", self.url, exc)
+
+    def connect_sync(self) -> Any:
+        """A new synchronous client (for the heartbeat thread)."""
+        options = {k: v for k, v in self._options.items() if k != "retry"}  # an asyncio Retry
+        return redis_sync.Redis.from_url(self._url, **options)
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script."""
+        try:
+            return await self.scripts.call(self.client, name, keys, args)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise self.unavailable(exc) from exc
+        except RedisError as exc:
+            raise BrokerError(f"Redis at {self.url} refused {name!r}: {exc}") from exc
+
+    async def call_batched(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script in the next pipeline: calls made while one is in flight share it.
+
+        One caller alone waits one round trip, as with `call`; under load (many workers
+        acknowledging at once) a round trip carries every call that queued meanwhile. A
+        call already queued is sent even if its caller is cancelled.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._batch.append((name, keys, args, future))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), name="taskprocessor-redis-batch"
+            )
+        return await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        batch: list[tuple[str, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        try:
+            while self._batch:
+                batch, self._batch = self._batch, []
+                self.round_trips += 1
+
+                def fill(pipe: Any, calls: list[Any] = batch) -> None:
+                    for name, keys, args, _ in calls:
+                        self.scripts.queue(pipe, name, keys, args)
+
+                try:
+                    replies = await self.commands(fill, raise_on_error=False)
+                except BrokerError as exc:  # the whole round trip failed
+                    replies = [type(exc)(str(exc)) for _ in batch]
+                for (name, _, _, future), reply in zip(batch, replies, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(reply, BrokerError):
+                        future.set_exception(reply)
+                    elif isinstance(reply, Exception):
+                        future.set_exception(
+                            BrokerError(f"Redis at {self.url} refused {name!r}: {reply}")
+                        )
+                    else:
+                        future.set_result(reply)
+                batch = []
+        finally:
+            self._flusher = None
+            for *_, future in (*batch, *self._batch):  # only left when this task was cancelled
+                if not future.done():
+                    future.set_exception(BrokerError("the broker closed before the call was sent"))
+            self._batch = []
+
+    async def commands(
+        self, fill: Callable[[Any], object], *, raise_on_error: bool = True
+    ) -> list[Any]:
+        """Run the commands ``fill`` adds to a pipeline, in one round trip.
+
+        With ``raise_on_error=False`` a command's error takes its place in the result.
+        """
+        for attempt in (1, 2):
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    fill(pipe)
+                    result: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+                    if not raise_on_error and any(_is_noscript(r) for r in result):
+                        raise NoScriptError("NOSCRIPT")
+                    return result
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                raise self.unavailable(exc) from exc
+            except RedisError as exc:
+                if attempt == 1 and "NOSCRIPT" in str(exc):  # the server restarted
+                    await self.scripts.load(self.client)
+                    continue
+                raise BrokerError(f"Redis at {self.url} refused a pipeline: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def wait_for_marker(self, keys: Sequence[str], timeout: float) -> bytes | None:
+        """BLPOP a wake marker; return the key it came from, or None after ``timeout``."""
+        try:
+            reply = await self._blocking.blpop(list(keys), timeout)
+        except RedisError as exc:
+            raise self.unavailable(exc) from exc
+        return None if reply is None else bytes(reply[0])
+
+    async def push_marker(self, key: bytes) -> None:
+        """Put a wake marker back (taken when nobody here wanted it)."""
+        try:
+            await self.client.lpush(key, "1")
+        except RedisError as exc:
+            raise self.unavailable(exc) from exc
+
+    # -- read-only queries -----------------------------------------------------------
+
+    async def depth(self, queues: Sequence[QueueKeys], now_ms: int) -> tuple[int, int]:
+        """Return ``(queued, scheduled)``; delayed tasks already due count as queued."""
+
+        def fill(pipe: Any) -> None:
+            for keys in queues:
+                pipe.zcard(keys.ready)
+                pipe.zcard(keys.delayed)
+                pipe.zcount(keys.delayed, "-inf", now_ms)
+
+        counts = await self.commands(fill)
+        due = sum(counts[2::3])
+        return sum(counts[0::3]) + due, sum(counts[1::3]) - due
+
+    async def statistics(self, queues: Sequence[QueueKeys], now_ms: int) -> BrokerStatistics:
+        """Count the queues' tasks (delayed tasks already due count as queued)."""
+        totals = [0] * 7
+        by_priority: dict[int, int] = {}
+        for keys in queues:
+            reply = await self.call(
+                "stats", [keys.ready, keys.delayed, keys.leases, keys.dead], [keys.prefix, now_ms]
+            )
+            for i in range(7):
+                totals[i] += int(reply[i])
+            for i in range(7, len(reply), 2):
+                priority = int(reply[i])
+                by_priority[priority] = by_priority.get(priority, 0) + int(reply[i + 1])
+        ready, delayed, due, leased, dead, enqueued, finished = totals
+        return BrokerStatistics(
+            queued=ready + due,
+            scheduled=delayed - due,
+            running=leased,
+            dead_letters=dead,
+            capacity=None,
+            queued_by_priority=dict(sorted(by_priority.items(), reverse=True)),
+            enqueued_total=enqueued,
+            finished_total=finished,
+        )
+
+    async def dead_letters(self, keys: QueueKeys) -> list[tuple[str, list[bytes | None]]]:
+        """Return a queue's dead letters, oldest first: (id, [body, outcome, reason, attempt])."""
+        ids: list[bytes] = (await self.commands(lambda pipe: pipe.zrange(keys.dead, 0, -1)))[0]
+        if not ids:
+            return []
+
+        def fill(pipe: Any) -> None:
+            for raw in ids:
+                pipe.hmget(keys.task(raw.decode()), "body", "outcome", "dead", "attempt")
+
+        rows = await self.commands(fill)
+        return [(raw.decode(), row) for raw, row in zip(ids, rows, strict=True)]
+
+
+async def _subscribe(pubsub: Any, channels: Sequence[str]) -> None:
+    """Subscribe, and read the confirmations: from then on no message can be missed."""
+    await pubsub.subscribe(*channels)
+    confirmed = 0
+    while confirmed < len(channels):
+        message = await pubsub.get_message(timeout=5.0)
+        if message is None:
+            raise RedisTimeoutError("SUBSCRIBE was not confirmed within 5 s")
+        confirmed += message["type"] == "subscribe"

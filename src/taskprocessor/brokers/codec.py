@@ -1,0 +1,412 @@
+"""The wire format: how a task and its outcome cross a broker. JSON, versioned, never pickle.
+
+A task travels as an *envelope*, a JSON object with a version number::
+
+    {"v": 1, "id": "...", "name": "app.send", "args": [...], "kwargs": {...},
+     "priority": 50, "queue": "default", "key": null, "timeout": null, "ttl": null,
+     "headers": null, "enqueued_at": 1767225600.0, "eta": null, "expires_at": null,
+     "max_attempts": 3}
+
+Times are POSIX timestamps in seconds (the broker maps them to and from each process's
+clock). Readers reject any other version with a message that says which one they read,
+so a mixed fleet fails loudly instead of misreading tasks.
+
+An *outcome* is how a task ended, published to its producer and kept with the task::
+
+    {"id": "...", "state": "failed", "attempt": 2, "result": null,
+     "error": {"kind": "failed", "type": "builtins.ValueError", "message": "bad input",
+               "traceback": "Traceback ..."}}
+
+Errors cross as data: `TaskTimeout`, `TaskCancelled` and `TaskExpired` come back as
+themselves; any other exception comes back as `TaskFailed`, naming the original type
+and carrying its formatted traceback (also attached as a note, so it prints).
+"""
+
+from __future__ import annotations
+
+import json
+import traceback as tb
+from dataclasses import dataclass
+from typing import Any, Final, final
+
+from taskprocessor.errors import (
+    PayloadError,
+    TaskCancelled,
+    TaskError,
+    TaskExpired,
+    TaskFailed,
+    TaskTimeout,
+)
+from taskprocessor.payload import find_unplain
+from taskprocessor.task import MAX_PRIORITY, MIN_PRIORITY, TaskRecord, TaskState
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "UNDECODABLE",
+    "DecodeError",
+    "Outcome",
+    "TaskMessage",
+    "decode_outcome",
+    "decode_stored",
+    "decode_task",
+    "encode_error",
+    "encode_outcome",
+    "encode_task",
+    "rebuild_error",
+]
+
+ENVELOPE_VERSION: Final = 1
+
+# A traceback longer than this is cut (from the middle): it must fit in an outcome.
+_MAX_TRACEBACK: Final = 16_000
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_loads = json.loads
+
+
+class DecodeError(PayloadError):
+    """A message read from the broker is not a task this version can run.
+
+    The broker dead-letters such a message with this error's text as the reason, and
+    the worker carries on.
+    """
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """A decoded envelope: the record, plus the fields the broker maps or stores apart.
+
+    Attributes:
+        record: The task, with ``enqueued_at``, ``eta`` and ``expires_at`` left unset.
+        enqueued_at: When it was submitted (POSIX seconds).
+        eta: When it becomes ready (POSIX seconds), or None.
+        expires_at: When its queue TTL ends (POSIX seconds), or None.
+        max_attempts: Attempts it may use up by losing its lease, or None.
+    """
+
+    record: TaskRecord
+    enqueued_at: float
+    eta: float | None
+    expires_at: float | None
+    max_attempts: int | None
+
+    def record_on(self, offset: float) -> TaskRecord:
+        """Return the record with its times on a clock ``offset`` seconds behind POSIX time."""
+        record = self.record
+        record.enqueued_at = self.enqueued_at - offset
+        record.eta = None if self.eta is None else self.eta - offset
+        record.expires_at = None if self.expires_at is None else self.expires_at - offset
+        return record
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A decoded outcome message.
+
+    Attributes:
+        task_id: The task it belongs to.
+        state: Its final state.
+        attempt: Attempts started.
+        result: The handler's return value (plain data), for SUCCEEDED.
+        error: The encoded error (see `encode_error`), or None.
+        dead_letter: Why it was dead-lettered, or None.
+    """
+
+    task_id: str
+    state: TaskState
+    attempt: int
+    result: Any
+    error: dict[str, Any] | None
+    dead_letter: str | None = None
+
+
+def _check_size(kind: str, size: int, limit: int, hint: str) -> None:
+    if size > limit:
+        raise PayloadError(
+            f"the {kind} is {size} bytes, over the broker's limit of {limit} bytes; {hint}"
+        )
+
+
+def encode_task(
+    record: TaskRecord,
+    *,
+    enqueued_at: float,
+    eta: float | None,
+    expires_at: float | None,
+    max_attempts: int | None,
+    limit: int,
+) -> bytes:
+    """Encode a record as a version-1 envelope.
+
+    Args:
+        record: The task to send.
+        enqueued_at: Submission time, POSIX seconds.
+        eta: Ready time, POSIX seconds, or None for now.
+        expires_at: End of its queue TTL, POSIX seconds, or None.
+        max_attempts: Attempts it may use up by losing its lease, or None.
+        limit: The largest envelope accepted, in bytes.
+
+    Raises:
+        PayloadError: An argument is not JSON data, or the envelope exceeds ``limit``.
+    """
+    envelope = {
+        "v": ENVELOPE_VERSION,
+        "id": record.id,
+        "name": record.name,
+        "args": record.args,
+        "kwargs": record.kwargs,
+        "priority": record.priority,
+        "queue": record.queue,
+        "key": record.key,
+        "timeout": record.timeout,
+        "ttl": record.ttl,
+        "headers": record.headers,
+        "enqueued_at": enqueued_at,
+        "eta": eta,
+        "expires_at": expires_at,
+        "max_attempts": max_attempts,
+    }
+    try:
+        data = _dumps(envelope).encode()
+    except (TypeError, ValueError) as exc:
+        where = find_unplain(record.args, "args") or find_unplain(record.kwargs, "kwargs")
+        raise PayloadError(
+            f"task {record.name!r} cannot be sent to the broker: its arguments must be plain "
+            f"JSON data; found {where or exc}"
+        ) from None
+    _check_size(
+        f"message of task {record.name!r}",
+        len(data),
+        limit,
+        "pass a reference (an id, a URL) instead of the data itself, or raise max_payload",
+    )
+    return data
+
+
+def _field(envelope: dict[str, Any], name: str, kinds: type | tuple[type, ...]) -> Any:
+    value = envelope.get(name)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _as_tuple(kinds)):
+        expected = " or ".join(k.__name__ for k in _as_tuple(kinds))
+        raise DecodeError(
+            f"field {name!r} of the task message is {type(value).__name__}, expected {expected}"
+        )
+    return value
+
+
+def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+_NONE: Final = type(None)
+_NUMBER: Final = (int, float)
+_OPTIONAL_NUMBER: Final = (int, float, _NONE)
+
+
+def decode_task(data: bytes, *, limit: int, task_id: str | None = None) -> TaskMessage:
+    """Decode an envelope (stored under ``task_id``, when given).
+
+    Raises:
+        DecodeError: The bytes are not a version-1 envelope, or exceed ``limit``; the
+            message says what is wrong with them.
+    """
+    if len(data) > limit:
+        raise DecodeError(
+            f"the task message is {len(data)} bytes, over this worker's limit of {limit} bytes"
+        )
+    try:
+        envelope = _loads(data.decode("utf-8"))  # never guess: json.loads would try UTF-16
+    except UnicodeDecodeError as exc:
+        raise DecodeError(
+            f"the task message is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from None
+    except ValueError as exc:
+        raise DecodeError(f"the task message is not JSON: {exc}") from None
+    if not isinstance(envelope, dict):
+        raise DecodeError(f"the task message is a JSON {type(envelope).__name__}, not an object")
+    version = envelope.get("v")
+    if version != ENVELOPE_VERSION:
+        raise DecodeError(
+            f"the task message has envelope version {version!r}; this worker reads version "
+            f"{ENVELOPE_VERSION}: run the same taskprocessor version on producers and workers"
+        )
+    priority = _field(envelope, "priority", int)
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise DecodeError(f"the task message has priority {priority}, outside 0-100")
+    headers = _field(envelope, "headers", (dict, _NONE))
+    if headers is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise DecodeError("the task message's headers are not all strings")
+    max_attempts = _field(envelope, "max_attempts", (int, _NONE))
+    record = TaskRecord(
+        _field(envelope, "name", str),
+        tuple(_field(envelope, "args", list)),
+        _field(envelope, "kwargs", dict),
+        task_id=_field(envelope, "id", str),
+        priority=priority,
+        queue=_field(envelope, "queue", str),
+        key=_field(envelope, "key", (str, _NONE)),
+        timeout=_float_or_none(_field(envelope, "timeout", _OPTIONAL_NUMBER)),
+        ttl=_float_or_none(_field(envelope, "ttl", _OPTIONAL_NUMBER)),
+        headers=headers,
+    )
+    if task_id is not None and record.id != task_id:
+        raise DecodeError(f"the task message names id {record.id!r}, but is stored as {task_id!r}")
+    return TaskMessage(
+        record,
+        float(_field(envelope, "enqueued_at", _NUMBER)),
+        _float_or_none(_field(envelope, "eta", _OPTIONAL_NUMBER)),
+        _float_or_none(_field(envelope, "expires_at", _OPTIONAL_NUMBER)),
+        max_attempts,
+    )
+
+
+UNDECODABLE: Final = "<undecodable>"
+"""The task name of a placeholder record, for a stored message that cannot be read."""
+
+
+def decode_stored(data: bytes, *, task_id: str, offset: float) -> TaskRecord:
+    """Decode a stored envelope of any size, never raising.
+
+    Times land on a clock ``offset`` seconds behind POSIX time. A message that cannot be
+    read gives a placeholder record named `UNDECODABLE`: dead letters must be listed
+    even when they are garbage.
+    """
+    try:
+        return decode_task(data, limit=len(data), task_id=task_id).record_on(offset)
+    except DecodeError:
+        return TaskRecord(UNDECODABLE, (), {}, task_id=task_id)
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+# -- outcomes -------------------------------------------------------------------------
+
+
+def encode_error(error: BaseException) -> dict[str, Any]:
+    """Describe an exception as plain data; `rebuild_error` turns it back into one."""
+    if isinstance(error, TaskTimeout):
+        return {"kind": "timeout", "timeout": error.timeout}
+    if isinstance(error, TaskCancelled):
+        return {"kind": "cancelled", "reason": error.reason}
+    if isinstance(error, TaskExpired):
+        return {"kind": "expired", "ttl": error.ttl}
+    kind = type(error)
+    qualname = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    trace = "".join(tb.format_exception(error))
+    if len(trace) > _MAX_TRACEBACK:
+        half = _MAX_TRACEBACK // 2
+        trace = f"{trace[:half]}\n... ({len(trace) - 2 * half} characters cut) ...\n{trace[-half:]}"
+    return {"kind": "failed", "type": qualname, "message": str(error), "traceback": trace}
+
+
+def rebuild_error(encoded: dict[str, Any] | None, task_id: str, task_name: str) -> TaskError:
+    """Rebuild the exception an outcome describes, for the task it belongs to."""
+    encoded = encoded if isinstance(encoded, dict) else {}
+    kind = encoded.get("kind")
+    if kind == "timeout":
+        return TaskTimeout(
+            task_id=task_id, task_name=task_name, timeout=_number(encoded, "timeout")
+        )
+    if kind == "cancelled":
+        reason = encoded.get("reason")
+        return TaskCancelled(
+            task_id=task_id,
+            task_name=task_name,
+            reason=reason if isinstance(reason, str) else "cancelled",
+        )
+    if kind == "expired":
+        return TaskExpired(task_id=task_id, task_name=task_name, ttl=_number(encoded, "ttl"))
+    exc_type = str(encoded.get("type") or "Exception")
+    message = str(encoded.get("message") or "")
+    trace = str(encoded.get("traceback") or "")
+    error = TaskFailed(
+        f"task {task_name!r} ({task_id}) raised {exc_type}: {message}",
+        task_id=task_id,
+        task_name=task_name,
+        exc_type=exc_type,
+        traceback=trace,
+    )
+    if trace:
+        error.add_note(f"Remote traceback of task {task_name!r} ({task_id}):\n{trace.rstrip()}")
+    return error
+
+
+def _number(encoded: dict[str, Any], name: str) -> float:
+    value = encoded.get(name)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def encode_outcome(
+    task_id: str,
+    state: TaskState,
+    *,
+    attempt: int,
+    result: Any = None,
+    error: BaseException | None = None,
+    dead_letter: str | None = None,
+    limit: int,
+) -> bytes:
+    """Encode how a task ended.
+
+    Raises:
+        PayloadError: The result is not plain JSON data, or the outcome exceeds ``limit``.
+    """
+    if result is not None:
+        where = find_unplain(result, "result")
+        if where is not None:
+            raise PayloadError(
+                f"the result of task {task_id} must be plain JSON data (str, int, float, bool, "
+                f"None, lists, and dicts with str keys) to cross the broker; found {where}"
+            )
+    outcome = {
+        "id": task_id,
+        "state": state.value,
+        "attempt": attempt,
+        "result": result,
+        "error": None if error is None else encode_error(error),
+        "dead_letter": dead_letter,
+    }
+    data = _dumps(outcome).encode()
+    _check_size(
+        f"result of task {task_id}",
+        len(data),
+        limit,
+        "store large results elsewhere and return a reference, or raise max_payload",
+    )
+    return data
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    """Decode an outcome message.
+
+    Raises:
+        DecodeError: The bytes are not an outcome.
+    """
+    try:
+        outcome = _loads(data)
+        task_id = outcome["id"]
+        state = TaskState(outcome["state"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DecodeError(f"an outcome message could not be read: {exc!r}") from None
+    if not isinstance(task_id, str) or not state.is_final:
+        raise DecodeError(f"an outcome message names no task or no final state: {data[:200]!r}")
+    attempt = outcome.get("attempt")
+    error = outcome.get("error")
+    dead_letter = outcome.get("dead_letter")
+    return Outcome(
+        task_id,
+        state,
+        attempt if isinstance(attempt, int) else 0,
+        outcome.get("result"),
+        error if isinstance(error, dict) else None,
+        dead_letter if isinstance(dead_letter, str) else None,
+    )

@@ -1,0 +1,123 @@
+"""Shared by the Redis tests: find the server, give each test its own queue, clean up after.
+
+Tests run against a real Redis server, never a mock. Without one they skip, saying why;
+with ``CI=true`` in the environment a missing server fails the run instead, so CI can
+never pass by skipping. ``TASKPROCESSOR_TEST_REDIS`` points them at another server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Final, final
+
+import pytest
+import redis
+
+from taskprocessor.brokers.base import Broker, BrokerStatistics
+from taskprocessor.brokers.redis import RedisBroker
+from taskprocessor.testing import FakeClock
+
+REDIS_URL: Final = os.environ.get("TASKPROCESSOR_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+_answer: str | None = None  # why the server does not answer ("" when it does)
+
+
+def require_redis() -> str:
+    """Return the test server's URL; skip the test (fail it under CI=true) if none answers."""
+    global _answer  # noqa: PLW0603 - ask the server once per test session
+    if _answer is None:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
+        try:
+            client.ping()
+            _answer = ""
+        except redis.RedisError as exc:
+            _answer = f"no Redis server answers at {REDIS_URL} ({exc}); start one with redis-server"
+        finally:
+            client.close()
+    if _answer:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{_answer}, and CI=true requires the Redis tests to run")
+        pytest.skip(_answer)
+    return REDIS_URL
+
+
+def new_queue() -> str:
+    """A queue name no other test uses: its own hash tag, so its own keys."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def delete_queue(queue: str) -> int:
+    """Delete every key of ``queue``; return how many there were."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{{tp:{queue}}}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()
+
+
+def queue_keys(queue: str) -> list[bytes]:
+    """Every key of ``queue`` now in Redis."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return sorted(client.scan_iter(match=f"{{tp:{queue}}}:*", count=1000))
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def sync_client() -> Any:
+    """A synchronous client for looking at (or tampering with) keys directly."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@final
+class RedisHarness:
+    """`taskprocessor.testing.conformance.BrokerHarness` for `RedisBroker`.
+
+    Every broker it opens shares one fresh queue and the harness's fake clock; the
+    queue's keys are deleted when the last one closes.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = url
+        self.clock = FakeClock(1000.0)
+        self.queue = new_queue()
+        self.options = options
+        self._open = 0
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[Broker]:
+        """Open a started `RedisBroker` on the harness's queue."""
+        async with self.open_redis() as broker:
+            yield broker
+
+    @contextlib.asynccontextmanager
+    async def open_redis(self, **options: Any) -> AsyncIterator[RedisBroker]:
+        """Like `open`, typed as a `RedisBroker`, with extra constructor options."""
+        broker = RedisBroker(
+            self.url, queues=(self.queue,), clock=self.clock, **{**self.options, **options}
+        )
+        await broker.start()
+        self._open += 1
+        try:
+            yield broker
+        finally:
+            self._open -= 1
+            await broker.aclose()
+            if not self._open:
+                delete_queue(self.queue)
+
+    async def statistics(self, broker: Broker) -> BrokerStatistics:
+        """Refresh the broker's statistics from Redis and return them."""
+        assert isinstance(broker, RedisBroker)
+        return await broker.refresh_statistics()
