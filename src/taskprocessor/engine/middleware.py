@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, NamedTuple, final
 
 from taskprocessor.errors import ConfigurationError
 from taskprocessor.task import TaskState
@@ -57,9 +57,8 @@ class Defer:
     reason: str = "deferred"
 
 
-@final
-class Outcome:
-    """How one attempt ended (made once per attempt, so a plain slotted class).
+class Outcome(NamedTuple):
+    """How one attempt ended (made once per attempt: a named tuple is the cheapest record).
 
     Attributes:
         state: SUCCEEDED, FAILED, TIMED_OUT or CANCELLED (an attempt that will be retried
@@ -69,22 +68,10 @@ class Outcome:
         finished_at: Clock time it ended.
     """
 
-    __slots__ = ("error", "finished_at", "started_at", "state")
-
-    def __init__(
-        self,
-        state: TaskState,
-        error: BaseException | None,
-        started_at: float,
-        finished_at: float,
-    ) -> None:
-        self.state = state
-        self.error = error
-        self.started_at = started_at
-        self.finished_at = finished_at
-
-    def __repr__(self) -> str:
-        return f"<Outcome {self.state.value} in {self.duration:.6f}s>"
+    state: TaskState
+    error: BaseException | None
+    started_at: float
+    finished_at: float
 
     @property
     def duration(self) -> float:

@@ -511,9 +511,9 @@ class WorkerPool:
         ctx = TaskContext(
             record, max_attempts=definition.retry.max_attempts, deadline=deadline, clock=self._clock
         )
-        states: dict[int, Any] | None = None
+        states: list[Any] | None = None
         if hooks.before_run:
-            states = {}
+            states = [None] * len(hooks.middleware)
             for i, before in hooks.before_run:
                 try:
                     states[i] = before(record, ctx)
@@ -525,7 +525,7 @@ class WorkerPool:
             outcome = Outcome(_attempt_state(reason, error), error, now, self._clock.now())
             for i, after in hooks.after_run:
                 try:
-                    after(record, ctx, outcome, None if states is None else states.get(i))
+                    after(record, ctx, outcome, None if states is None else states[i])
                 except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
                     hook_failed(after)
         await self._settle(record, definition, hooks, reason=reason, result=result, error=error)
