@@ -28,17 +28,21 @@ from taskprocessor.clock import Clock, clock_timeout
 from taskprocessor.engine.admission import Admission
 from taskprocessor.engine.definition import TaskDefinition
 from taskprocessor.engine.executors import Executors
-from taskprocessor.engine.failures import Action, Decision, ErrorHandler, Failure
+from taskprocessor.engine.failures import ErrorHandler
 from taskprocessor.engine.limits import ConcurrencyLimits
 from taskprocessor.engine.middleware import Defer, Hooks, Outcome, hook_failed
+from taskprocessor.engine.outcomes import (
+    CANCELLED,
+    SHUT_DOWN,
+    TIMED_OUT,
+    Settler,
+    attempt_state,
+)
 from taskprocessor.errors import (
     BrokerError,
     ConfigurationError,
     ProcessorClosed,
-    TaskCancelled,
     TaskExpired,
-    TaskTimeout,
-    UnknownTask,
 )
 from taskprocessor.task import TaskContext, TaskRecord, TaskState
 
@@ -46,10 +50,7 @@ __all__ = ["PoolState", "PoolStatistics", "ShutdownReport", "WorkerPool"]
 
 logger = logging.getLogger(__name__)
 
-# Why a running attempt was interrupted; also the words of TaskContext.cancel_reason.
-_CANCELLED: Final = "cancelled"
-_TIMED_OUT: Final = "timed out"
-_SHUT_DOWN: Final = "shut down"
+_CANCELLED, _TIMED_OUT, _SHUT_DOWN = CANCELLED, TIMED_OUT, SHUT_DOWN
 
 # How long shutdown waits for interrupted handlers to return before giving up on them.
 _HARD_STOP: Final = 5.0
@@ -196,6 +197,7 @@ class WorkerPool:
             ),
             0,
         )
+        self._settler = Settler(broker, registry, clock, on_error, self._counts)
         broker.on_cancel_running(self._on_cancel_running)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -410,7 +412,7 @@ class WorkerPool:
     async def _handle(self, worker: _Worker, record: TaskRecord) -> None:
         definition = self._registry.get(record.name)
         if definition is None:
-            await self._settle_unknown(record)
+            await self._settler.unknown(record)
             return
         hooks = definition.hooks
         chain = definition.admitters
@@ -418,7 +420,7 @@ class WorkerPool:
             verdict = self._admission.admit(chain, record, definition)
             if verdict is not None:
                 if not isinstance(verdict, Defer):
-                    await self._reject(record, definition, verdict, hooks)
+                    await self._settler.reject(record, definition, verdict, hooks)
                 return  # deferred: parked until it may ask again
         limited = definition.concurrency is not None or definition.key_concurrency is not None
         if limited and not self._limits.try_acquire(definition, record):
@@ -463,13 +465,6 @@ class WorkerPool:
         if self._watching:
             self._changed.set()
 
-    async def _reject(
-        self, record: TaskRecord, definition: TaskDefinition, error: BaseException, hooks: Hooks
-    ) -> None:
-        """An admission stage refused the task outright: a failed attempt, for on_error."""
-        record.attempt += 1
-        await self._settle_failure(record, definition, error, hooks)
-
     async def _hand_back(self, records: list[TaskRecord]) -> None:
         """Return parked tasks to the queue, each to compete again for the slot just freed."""
         for record in records:
@@ -488,13 +483,6 @@ class WorkerPool:
         except Exception:
             logger.exception("could not hand a parked task back after %s ended", task_id)
 
-    async def _settle_unknown(self, record: TaskRecord) -> None:
-        error = UnknownTask(record.name, tuple(self._registry))
-        logger.error("task %s names an unknown task type: %s", record.id, error)
-        self._counts["failed"] += 1
-        self._counts["dead_lettered"] += 1
-        await self._broker.ack(record, TaskState.FAILED, error=error, dead_letter=str(error))
-
     async def _execute(
         self, worker: _Worker, record: TaskRecord, definition: TaskDefinition, hooks: Hooks
     ) -> None:
@@ -502,7 +490,7 @@ class WorkerPool:
         if record.attempt == 0 and record.expires_at is not None and now >= record.expires_at:
             self._counts["expired"] += 1
             expired = TaskExpired(task_id=record.id, task_name=record.name, ttl=record.ttl or 0.0)
-            await self._ack(hooks, record, TaskState.EXPIRED, error=expired)
+            await self._settler.ack(hooks, record, TaskState.EXPIRED, error=expired)
             return
         record.attempt += 1
         record.started_at = now
@@ -522,13 +510,15 @@ class WorkerPool:
         result, error = await self._run_handler(worker, record, definition, ctx)
         reason = ctx.cancel_reason
         if hooks.after_run:
-            outcome = Outcome(_attempt_state(reason, error), error, now, self._clock.now())
+            outcome = Outcome(attempt_state(reason, error), error, now, self._clock.now())
             for i, after in hooks.after_run:
                 try:
                     after(record, ctx, outcome, None if states is None else states[i])
                 except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
                     hook_failed(after)
-        await self._settle(record, definition, hooks, reason=reason, result=result, error=error)
+        await self._settler.settle(
+            record, definition, hooks, reason=reason, result=result, error=error
+        )
 
     async def _run_handler(
         self, worker: _Worker, record: TaskRecord, definition: TaskDefinition, ctx: TaskContext
@@ -548,7 +538,7 @@ class WorkerPool:
                 result = await definition.fn(*record.args, **record.kwargs)
         except asyncio.CancelledError:
             if not self._take_back_interrupt(worker):
-                await self._settle_outer_cancel(record)
+                await self._settler.outer_cancel(record)
                 raise
             return None, None
         except Exception as exc:  # noqa: BLE001 - a handler's error is an outcome, not a crash
@@ -563,59 +553,6 @@ class WorkerPool:
             del self._running[record.id]
             worker.ctx = None
 
-    async def _settle(
-        self,
-        record: TaskRecord,
-        definition: TaskDefinition,
-        hooks: Hooks,
-        *,
-        reason: str | None,
-        result: Any,
-        error: Exception | None,
-    ) -> None:
-        """Record the outcome of an attempt: success, cancellation, or a failure to decide on."""
-        broker = self._broker
-        if reason is None and error is None:
-            self._counts["succeeded"] += 1
-            await self._ack(hooks, record, TaskState.SUCCEEDED, result=result)
-        elif reason == _CANCELLED or (reason == _SHUT_DOWN and not broker.durable):
-            self._counts["cancelled"] += 1
-            cancelled = TaskCancelled(task_id=record.id, task_name=record.name, reason=reason)
-            await self._ack(hooks, record, TaskState.CANCELLED, error=cancelled)
-        elif reason == _SHUT_DOWN:
-            await broker.retry(record, self._clock.now())  # at-least-once: run it again elsewhere
-        elif reason == _TIMED_OUT:
-            timeout = record.timeout or 0.0
-            timed_out = TaskTimeout(task_id=record.id, task_name=record.name, timeout=timeout)
-            await self._settle_failure(record, definition, timed_out, hooks)
-        else:
-            assert error is not None  # noqa: S101 - no reason and no error was a success
-            await self._settle_failure(record, definition, error, hooks)
-
-    async def _ack(
-        self,
-        hooks: Hooks,
-        record: TaskRecord,
-        state: TaskState,
-        *,
-        result: Any = None,
-        error: BaseException | None = None,
-        dead_letter: str | None = None,
-    ) -> None:
-        """Record a final state with the broker, then tell the observers."""
-        await self._broker.ack(record, state, result=result, error=error, dead_letter=dead_letter)
-        if dead_letter is not None:
-            for hook in hooks.on_dead_letter:
-                try:
-                    hook(record, dead_letter)
-                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                    hook_failed(hook)
-        for hook in hooks.on_settled:
-            try:
-                hook(record)
-            except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                hook_failed(hook)
-
     def _take_back_interrupt(self, worker: _Worker) -> bool:
         """Balance the cancel() an interrupt sent; return False if another cancel is pending."""
         if worker.interrupt is None:
@@ -626,82 +563,6 @@ class WorkerPool:
             assert worker.task is not None  # noqa: S101 - a running worker has its task
             return worker.task.uncancel() == 0
         return True
-
-    async def _settle_outer_cancel(self, record: TaskRecord) -> None:
-        """The worker itself is cancelled mid-task: leave the task final, or back in the queue."""
-        if self._broker.durable:
-            await self._broker.retry(record, self._clock.now())
-        else:
-            self._counts["cancelled"] += 1
-            error = TaskCancelled(task_id=record.id, task_name=record.name, reason=_SHUT_DOWN)
-            await self._broker.ack(record, TaskState.CANCELLED, error=error)
-
-    async def _settle_failure(
-        self, record: TaskRecord, definition: TaskDefinition, error: BaseException, hooks: Hooks
-    ) -> None:
-        decision = self._decide(record, definition, error)
-        extra = {"task_id": record.id, "task_name": record.name, "attempt": record.attempt}
-        if decision.action is Action.RETRY:
-            self._counts["retried"] += 1
-            logger.info(
-                "task %s (%s) attempt %d failed with %r; retrying in %.3gs",
-                record.name,
-                record.id,
-                record.attempt,
-                error,
-                decision.delay,
-                extra=extra,
-            )
-            for hook in hooks.on_retry:
-                try:
-                    hook(record, error, decision.delay)
-                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                    hook_failed(hook)
-            await self._broker.retry(record, self._clock.now() + decision.delay)
-            return
-        timed_out = isinstance(error, TaskTimeout)
-        self._counts["timed_out" if timed_out else "failed"] += 1
-        dead_letter = None
-        if decision.action is Action.DEAD_LETTER:
-            self._counts["dead_lettered"] += 1
-            dead_letter = decision.reason or f"{type(error).__name__}: {error}"
-        logger.warning(
-            "task %s (%s) failed after %d attempt(s): %r%s",
-            record.name,
-            record.id,
-            record.attempt,
-            error,
-            "; dead-lettered" if dead_letter is not None else "",
-            extra=extra,
-        )
-        state = TaskState.TIMED_OUT if timed_out else TaskState.FAILED
-        await self._ack(hooks, record, state, error=error, dead_letter=dead_letter)
-
-    def _decide(
-        self, record: TaskRecord, definition: TaskDefinition, error: BaseException
-    ) -> Decision:
-        policy = definition.retry
-        if policy.should_retry(error, attempt=record.attempt):
-            default = Decision.retry(policy.delay(record.attempt))
-        else:
-            default = Decision.dead_letter()
-        handler = self._on_error
-        if handler is None:
-            return default
-        try:
-            decision: object = handler(Failure(record, definition, error, default))
-        except Exception:
-            logger.exception("the error handler raised; using the default decision")
-            return default
-        if decision is None:
-            return default
-        if not isinstance(decision, Decision):
-            logger.error(
-                "the error handler returned %r, not a Decision or None; using the default",
-                decision,
-            )
-            return default
-        return decision
 
     # -- interrupts ----------------------------------------------------------------
 
@@ -736,7 +597,7 @@ class WorkerPool:
         # out now (so a freed slot cannot start it) and ack it from the task group.
         record = self._limits.remove_parked(task_id) or self._admission.remove(task_id)
         if record is not None:
-            self._spawn_internal(self._ack_parked_cancel(record))
+            self._spawn_internal(self._settler.parked_cancel(record))
 
     def _spawn_internal(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a broker call from a synchronous callback, in the pool's task group."""
@@ -746,22 +607,6 @@ class WorkerPool:
                 return
         coro.close()
         logger.error("could not settle a parked task: the pool's task group is closed")
-
-    async def _ack_parked_cancel(self, record: TaskRecord) -> None:
-        self._counts["cancelled"] += 1
-        error = TaskCancelled(task_id=record.id, task_name=record.name)
-        try:
-            await self._broker.ack(record, TaskState.CANCELLED, error=error)
-        except Exception:
-            logger.exception("could not record the cancellation of parked task %s", record.id)
-        else:
-            definition = self._registry.get(record.name)
-            if definition is not None:
-                for hook in definition.hooks.on_settled:
-                    try:
-                        hook(record)
-                    except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                        hook_failed(hook)
 
     # -- introspection -------------------------------------------------------------
 
@@ -801,15 +646,6 @@ class WorkerPool:
             f"<WorkerPool {self._state.value} workers={self.size} busy={self._busy} "
             f"parked={self._limits.parked + self._admission.parked}>"
         )
-
-
-def _attempt_state(reason: str | None, error: BaseException | None) -> TaskState:
-    """The state an attempt ended in, as `Outcome` reports it to middleware."""
-    if reason == _TIMED_OUT:
-        return TaskState.TIMED_OUT
-    if reason is not None:
-        return TaskState.CANCELLED
-    return TaskState.SUCCEEDED if error is None else TaskState.FAILED
 
 
 def check_workers(workers: object) -> int:
