@@ -20,6 +20,7 @@ from hypothesis.stateful import (
 
 from taskprocessor.errors import CircuitOpen, ConfigurationError, TaskProcessorError
 from taskprocessor.resilience.breaker import (
+    BreakerPermit,
     BreakerState,
     BreakerStateChange,
     BreakerStatistics,
@@ -31,8 +32,14 @@ CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.H
 
 def trip(breaker: CircuitBreaker, now: float, failures: int) -> None:
     for _ in range(failures):
-        assert breaker.allow(now)
-        breaker.record(now, success=False, duration=0.01)
+        permit = breaker.acquire(now)
+        assert permit is not None
+        breaker.record(now, success=False, duration=0.01, permit=permit)
+
+
+def granted(permit: BreakerPermit | None) -> BreakerPermit:
+    assert permit is not None
+    return permit
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,6 +203,113 @@ def test_outcomes_with_no_probe_outstanding_are_ignored() -> None:
     breaker.record(1.0, success=True, duration=1.0)  # HALF_OPEN, no probe out
     assert breaker.state is HALF_OPEN
     assert breaker.statistics(1.0).ignored == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Permits: every outcome is matched to the call it belongs to
+
+
+def test_a_late_outcome_of_a_closed_call_is_not_taken_for_a_probe() -> None:
+    """A call let through while CLOSED that ends during probing neither closes nor reopens it."""
+    breaker = CircuitBreaker(window=1, min_calls=1, open_seconds=0.0, half_open_probes=2)
+    late = granted(breaker.acquire(0.0))
+    trip(breaker, 0.0, 1)
+    probe = granted(breaker.acquire(0.0))
+    assert (probe.state, probe.probe, late.probe) == (HALF_OPEN, True, False)
+    breaker.record(0.5, success=False, duration=0.5, permit=late)  # would reopen as a probe
+    assert breaker.state is HALF_OPEN
+    assert breaker.statistics(0.5).probes_in_flight == 1
+    breaker.record(0.6, success=True, duration=0.1, permit=probe)
+    assert breaker.state is HALF_OPEN  # one of the two probes succeeded
+    breaker.record(0.7, success=True, duration=0.1, permit=granted(breaker.acquire(0.7)))
+    assert breaker.state is CLOSED
+    assert breaker.statistics(0.7).ignored == 1
+
+
+def test_a_late_release_does_not_free_a_probe_place() -> None:
+    """Releasing a permit from before the breaker opened leaves the probe places as they are."""
+    breaker = CircuitBreaker(window=1, min_calls=1, open_seconds=0.0, half_open_probes=1)
+    late = granted(breaker.acquire(0.0))
+    trip(breaker, 0.0, 1)
+    probe = granted(breaker.acquire(0.0))
+    breaker.release(0.1, late)
+    assert breaker.acquire(0.1) is None  # the one probe place is still taken
+    breaker.release(0.2, probe)
+    assert granted(breaker.acquire(0.2)).probe
+
+
+def test_a_probe_of_an_earlier_round_does_not_count_in_the_next() -> None:
+    """Once a failed probe reopened the breaker, the other probes of that round are ignored."""
+    breaker = CircuitBreaker(window=1, min_calls=1, open_seconds=1.0, half_open_probes=2)
+    trip(breaker, 0.0, 1)
+    first, second = granted(breaker.acquire(1.0)), granted(breaker.acquire(1.0))
+    breaker.record(1.1, success=False, duration=0.1, permit=first)
+    assert breaker.state is OPEN
+    assert breaker.state_at(2.1) is HALF_OPEN
+    breaker.record(2.2, success=True, duration=1.2, permit=second)
+    assert breaker.state is HALF_OPEN
+    stats = breaker.statistics(2.2)
+    assert (stats.probes_in_flight, stats.ignored) == (0, 1)
+    assert granted(breaker.acquire(2.2)).epoch == second.epoch + 2
+
+
+def test_late_outcomes_do_not_count_in_a_later_closed_window() -> None:
+    """A breaker closed by its probes starts clean: outcomes of calls from before are ignored."""
+    breaker = CircuitBreaker(window=4, min_calls=1, open_seconds=1.0, half_open_probes=1)
+    backlog = [granted(breaker.acquire(0.0)) for _ in range(3)]
+    trip(breaker, 0.0, 1)
+    breaker.record(1.5, success=True, duration=0.5, permit=granted(breaker.acquire(1.0)))
+    assert breaker.state is CLOSED
+    for permit in backlog:  # timeouts of calls made during the outage
+        breaker.record(30.0, success=False, duration=30.0, permit=permit)
+    stats = breaker.statistics(30.0)
+    assert (stats.state, stats.calls, stats.ignored) == (CLOSED, 0, 3)
+
+
+def test_outcomes_in_the_same_closed_period_count() -> None:
+    """A permit granted while CLOSED counts in the window as long as the breaker stays CLOSED."""
+    breaker = CircuitBreaker(window=4, min_calls=2, failure_ratio=1.0)
+    first, second = granted(breaker.acquire(0.0)), granted(breaker.acquire(0.0))
+    breaker.release(0.0, first)  # no probe involved: only balances the books
+    breaker.record(1.0, success=False, duration=1.0, permit=second)
+    assert breaker.statistics(1.0).calls == 1
+    trip(breaker, 1.0, 1)
+    assert breaker.state is OPEN
+
+
+def test_a_permit_is_reported_once_and_only_to_its_breaker() -> None:
+    """Reporting a permit twice, or to another breaker, is refused and changes nothing."""
+    breaker, other = CircuitBreaker(name="a"), CircuitBreaker(name="b")
+    permit = granted(breaker.acquire(0.0))
+    with pytest.raises(ConfigurationError, match="granted by this breaker, 'b'") as excinfo:
+        other.record(0.0, success=False, duration=0.1, permit=permit)
+    assert excinfo.value.setting == "permit"
+    with pytest.raises(ConfigurationError, match="duration"):
+        breaker.record(0.0, success=True, duration=-1.0, permit=permit)
+    breaker.release(0.0, permit)  # neither refusal used the permit up
+    assert permit.reported
+    assert repr(permit) == "<BreakerPermit 'a' call epoch=0 reported>"
+    with pytest.raises(ConfigurationError, match="record or release each once"):
+        breaker.release(0.1, permit)
+    with pytest.raises(ConfigurationError, match="record or release each once"):
+        breaker.record(0.1, success=False, duration=0.1, permit=permit)
+    assert breaker.statistics(0.1).calls == 0
+
+
+def test_probes_without_permits_are_not_matched_to_permits() -> None:
+    """An outcome reported without a permit never settles a probe that holds one."""
+    breaker = CircuitBreaker(window=1, min_calls=1, open_seconds=0.0, half_open_probes=2)
+    trip(breaker, 0.0, 1)
+    probe = granted(breaker.acquire(0.0))
+    breaker.record(0.1, success=False, duration=0.1)  # no anonymous probe is out
+    assert breaker.state is HALF_OPEN
+    assert breaker.allow(0.1)
+    assert breaker.acquire(0.1) is None  # one probe with a permit, one without
+    breaker.release(0.2)
+    breaker.release(0.2)  # nothing more to give back without a permit
+    assert breaker.statistics(0.2).probes_in_flight == 1
+    breaker.record(0.3, success=True, duration=0.1, permit=probe)
+    assert breaker.statistics(0.3).ignored == 1
 
 
 def test_state_at_applies_the_cooldown_and_state_does_not() -> None:
@@ -385,19 +499,22 @@ _ALLOWED_TRANSITIONS = {(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED), 
 
 @dataclass
 class Call:
-    """A call the breaker allowed and the caller has not reported yet."""
+    """A call the breaker let through and the caller has not reported yet."""
 
-    epoch: int  # how many state changes had happened when it was allowed
-    probe: bool  # allowed in HALF_OPEN
+    permit: BreakerPermit | None  # None: let through by allow(), reported without a permit
+    epoch: int  # how many state changes had happened when it was let through
+    probe: bool  # let through in HALF_OPEN
 
 
 class BreakerMachine(RuleBasedStateMachine):
     """Random schedules of time, calls, outcomes and releases against an independent model.
 
-    The model keeps the outcomes the breaker should count and the probe books, and
-    checks each of the breaker's decisions and every state change it announces.
-    Callers release a call before any state change, as the engine does (release
-    follows allow in the same admission pass).
+    The model knows every outstanding call and the state period it was let through in,
+    and decides from that alone which outcomes count: a permit's only in its own
+    period, as a probe's in HALF_OPEN or in the window while CLOSED. Calls let through
+    by allow() (mixed in by half of the runs) are booked by count, as documented. The
+    model checks each decision of the breaker and every state change it announces;
+    outcomes and releases come in any order, late ones included.
     """
 
     def __init__(self) -> None:
@@ -405,10 +522,11 @@ class BreakerMachine(RuleBasedStateMachine):
         self.now = 1000.0
         self.changes: list[BreakerStateChange] = []
         self.calls: list[Call] = []
+        self.reported: list[BreakerPermit] = []
         self.outcomes: list[tuple[float, bool, bool]] = []  # (at, failed, slow) while closed
         self.opened_at = -math.inf
-        self.probes_started = self.probes_released = 0
-        self.probes_recorded = self.probe_successes = 0
+        self.anonymous_probes = self.probe_successes = 0
+        self.rejected = self.ignored = 0
         self.breaker = CircuitBreaker()
         self.seen = 0
 
@@ -420,6 +538,7 @@ class BreakerMachine(RuleBasedStateMachine):
         slow_call_ratio=st.sampled_from([1.0, 0.3, 0.6]),
         open_seconds=st.sampled_from([0.0, 1.0, 5.0]),
         probes=st.integers(1, 4),
+        anonymous=st.booleans(),
     )
     def configure(
         self,
@@ -431,6 +550,7 @@ class BreakerMachine(RuleBasedStateMachine):
         slow_call_ratio: float,
         open_seconds: float,
         probes: int,
+        anonymous: bool,
     ) -> None:
         if window_seconds is None:
             min_calls = min(min_calls, window)
@@ -441,6 +561,7 @@ class BreakerMachine(RuleBasedStateMachine):
         self.slow_call_ratio = slow_call_ratio
         self.open_seconds = open_seconds
         self.probes = probes
+        self.anonymous = anonymous
         self.breaker = CircuitBreaker(
             window=window,
             window_seconds=window_seconds,
@@ -459,6 +580,23 @@ class BreakerMachine(RuleBasedStateMachine):
     def state(self) -> BreakerState:
         return self.changes[-1].new if self.changes else CLOSED
 
+    @property
+    def epoch(self) -> int:
+        return len(self.changes)
+
+    def current_probes(self) -> list[Call]:
+        """Probes of this round of HALF_OPEN that are still out, with or without permit."""
+        if self.state is not HALF_OPEN:
+            return []
+        return [c for c in self.calls if c.probe and c.epoch == self.epoch]
+
+    def permit_probes(self) -> int:
+        return sum(c.permit is not None for c in self.current_probes())
+
+    def probe_place_free(self) -> bool:
+        taken = self.permit_probes() + self.anonymous_probes + self.probe_successes
+        return taken < self.probes
+
     def window_counts(self) -> tuple[int, int, int]:
         if self.window_seconds is None:
             kept = self.outcomes[-self.window :]
@@ -476,14 +614,25 @@ class BreakerMachine(RuleBasedStateMachine):
             if change.new is OPEN:
                 self.opened_at = change.at
             elif change.new is HALF_OPEN:
-                self.probes_started = self.probes_released = 0
-                self.probes_recorded = self.probe_successes = 0
+                self.anonymous_probes = self.probe_successes = 0
             else:
                 self.outcomes.clear()
         self.seen = len(self.changes)
 
     def cooldown_over(self) -> bool:
         return self.now >= self.opened_at + self.open_seconds
+
+    def admit(self, allowed: bool, due: bool, before: BreakerState) -> None:
+        """Check an admission decision made in state ``before``, before the model books it."""
+        self.expect_changes(*([(OPEN, HALF_OPEN)] if due else []))
+        if before is OPEN and not due:
+            assert not allowed, "let through while open before open_seconds passed"
+        if self.state is CLOSED:
+            assert allowed
+        if self.state is HALF_OPEN:
+            assert allowed == self.probe_place_free()
+        if not allowed:
+            self.rejected += 1
 
     # -- rules -------------------------------------------------------------------------
 
@@ -492,43 +641,58 @@ class BreakerMachine(RuleBasedStateMachine):
         self.now += dt
 
     @rule()
+    def acquire(self) -> None:
+        before = self.state
+        due = before is OPEN and self.cooldown_over()
+        permit = self.breaker.acquire(self.now)
+        self.admit(permit is not None, due, before)
+        if permit is not None:
+            assert permit.breaker is self.breaker
+            assert (permit.state, permit.epoch, permit.reported) == (self.state, self.epoch, False)
+            self.calls.append(Call(permit, self.epoch, probe=self.state is HALF_OPEN))
+
+    @precondition(lambda self: self.anonymous)
+    @rule()
     def allow(self) -> None:
         before = self.state
         due = before is OPEN and self.cooldown_over()
         allowed = self.breaker.allow(self.now)
-        self.expect_changes(*([(OPEN, HALF_OPEN)] if due else []))
-        if before is OPEN and not due:
-            assert not allowed, "allowed while open before open_seconds passed"
-        if self.state is CLOSED:
-            assert allowed
-        if self.state is HALF_OPEN:
-            free = self.probes_started - self.probes_released < self.probes
-            assert allowed == free
-            if allowed:
-                self.probes_started += 1
+        self.admit(allowed, due, before)
         if allowed:
-            self.calls.append(Call(epoch=len(self.changes), probe=self.state is HALF_OPEN))
+            probe = self.state is HALF_OPEN
+            self.anonymous_probes += probe
+            self.calls.append(Call(None, self.epoch, probe=probe))
 
     @precondition(lambda self: bool(self.calls))
     @rule(data=st.data(), success=st.booleans(), duration=st.sampled_from([0.1, 1.0, 2.0]))
     def record(self, data: st.DataObject, success: bool, duration: float) -> None:
-        self.calls.pop(data.draw(st.integers(0, len(self.calls) - 1)))
-        self._record(success, duration)
+        call = self.calls.pop(data.draw(st.integers(0, len(self.calls) - 1)))
+        self._record(call, success, duration)
 
-    @precondition(lambda self: any(c.probe and c.epoch == len(self.changes) for c in self.calls))
+    @precondition(lambda self: bool(self.current_probes()))
     @rule()
     def probe_succeeds(self) -> None:
         """A probe returns fast and well (chosen often, so that probing runs to a close)."""
-        probe = next(c for c in self.calls if c.probe and c.epoch == len(self.changes))
+        probe = self.current_probes()[0]
         self.calls.remove(probe)
-        self._record(True, 0.1)
+        self._record(probe, True, 0.1)
 
-    def _record(self, success: bool, duration: float) -> None:
+    def _record(self, call: Call, success: bool, duration: float) -> None:
         slow = duration > 1.0
         slow_trips = self.slow_call_ratio < 1
         state = self.state
-        self.breaker.record(self.now, success=success, duration=duration)
-        if state is CLOSED:
+        counts_in: BreakerState | None = None
+        if call.permit is not None:
+            counts_in = state if call.epoch == self.epoch else None
+        elif state is CLOSED:
+            counts_in = CLOSED
+        elif state is HALF_OPEN and self.anonymous_probes > 0:
+            self.anonymous_probes -= 1
+            counts_in = HALF_OPEN
+        self.breaker.record(self.now, success=success, duration=duration, permit=call.permit)
+        if call.permit is not None:
+            self.reported.append(call.permit)
+        if counts_in is CLOSED:
             self.outcomes.append((self.now, not success, slow))
             calls, failures, slows = self.window_counts()
             trips = calls >= self.min_calls and (
@@ -536,13 +700,7 @@ class BreakerMachine(RuleBasedStateMachine):
                 or (slow_trips and slows / calls >= self.slow_call_ratio)
             )
             self.expect_changes(*([(CLOSED, OPEN)] if trips else []))
-            if trips:
-                assert calls >= self.min_calls, "tripped before min_calls"
-        elif (
-            state is HALF_OPEN
-            and self.probes_started - self.probes_released - self.probes_recorded > 0
-        ):
-            self.probes_recorded += 1
+        elif counts_in is HALF_OPEN:
             if not success or (slow and slow_trips):
                 self.expect_changes((HALF_OPEN, OPEN))
             else:
@@ -550,17 +708,31 @@ class BreakerMachine(RuleBasedStateMachine):
                 closes = self.probe_successes >= self.probes
                 self.expect_changes(*([(HALF_OPEN, CLOSED)] if closes else []))
         else:
+            self.ignored += 1
             self.expect_changes()
 
-    @precondition(lambda self: any(c.epoch == len(self.changes) for c in self.calls))
+    @precondition(lambda self: bool(self.calls))
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
-        current = [c for c in self.calls if c.epoch == len(self.changes)]
-        call = current[data.draw(st.integers(0, len(current) - 1))]
-        self.calls.remove(call)
-        self.breaker.release(self.now)
-        if self.state is HALF_OPEN:
-            self.probes_released += 1
+        call = self.calls.pop(data.draw(st.integers(0, len(self.calls) - 1)))
+        self.breaker.release(self.now, call.permit)
+        if call.permit is not None:
+            self.reported.append(call.permit)
+        elif self.state is HALF_OPEN and self.anonymous_probes > 0:
+            self.anonymous_probes -= 1
+        self.expect_changes()
+
+    @precondition(lambda self: bool(self.reported))
+    @rule(data=st.data(), how=st.sampled_from(["record", "release"]))
+    def report_again(self, data: st.DataObject, how: str) -> None:
+        """A permit reported a second time is refused and changes nothing."""
+        permit = data.draw(st.sampled_from(self.reported))
+        if how == "record":
+            with pytest.raises(ConfigurationError, match="once"):
+                self.breaker.record(self.now, success=False, duration=2.0, permit=permit)
+        else:
+            with pytest.raises(ConfigurationError, match="once"):
+                self.breaker.release(self.now, permit)
         self.expect_changes()
 
     @rule()
@@ -569,8 +741,13 @@ class BreakerMachine(RuleBasedStateMachine):
         assert self.breaker.retry_after(self.now) == (
             max(0.0, self.opened_at + self.open_seconds - self.now) if self.state is OPEN else 0.0
         )
-        self.breaker.state_at(self.now)
+        stats = self.breaker.statistics(self.now)
         self.expect_changes(*([(OPEN, HALF_OPEN)] if due else []))
+        assert stats.state is self.state
+        assert (stats.rejected, stats.ignored) == (self.rejected, self.ignored)
+        assert stats.times_opened == sum(c.new is OPEN for c in self.changes)
+        # Kept while OPEN and HALF_OPEN (time windows still expire), emptied on closing.
+        assert (stats.calls, stats.failures, stats.slow_calls) == self.window_counts()
 
     # -- invariants --------------------------------------------------------------------
 
@@ -583,11 +760,22 @@ class BreakerMachine(RuleBasedStateMachine):
             assert (change.old, change.new) in _ALLOWED_TRANSITIONS
 
     @invariant()
-    def probes_in_flight_never_exceed_the_limit(self) -> None:
-        if self.state is HALF_OPEN:
-            in_flight = [c for c in self.calls if c.probe and c.epoch == len(self.changes)]
-            assert len(in_flight) <= self.probes
-            assert self.breaker.statistics(self.now).probes_in_flight <= self.probes
+    def probes_in_flight_are_the_probes_of_this_round(self) -> None:
+        if self.state is not HALF_OPEN:
+            return
+        permit_probes = self.permit_probes()
+        assert permit_probes + self.anonymous_probes + self.probe_successes <= self.probes
+        in_flight = self.breaker.statistics(self.now).probes_in_flight
+        assert in_flight == permit_probes + self.anonymous_probes
+        if not self.anonymous:  # with permits only, the books are exact
+            assert in_flight == len(self.current_probes())
+
+    @invariant()
+    def outstanding_permits_are_unreported(self) -> None:
+        for call in self.calls:
+            if call.permit is not None:
+                assert not call.permit.reported
+                assert call.permit.probe == call.probe
 
 
 TestBreakerMachine = BreakerMachine.TestCase

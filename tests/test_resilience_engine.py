@@ -302,3 +302,87 @@ async def test_statistics_report_breaker_states_and_adaptive_limits(clock: FakeC
         stats = app.statistics()
     assert stats.breakers == {"db": BreakerState.OPEN}
     assert stats.limits[query.name] < 7
+
+
+async def test_a_late_outcome_from_before_the_breaker_opened_never_decides_the_probe(
+    clock: FakeClock,
+) -> None:
+    """A call admitted while CLOSED that fails during probing neither reopens nor counts.
+
+    Each admitted task holds its breaker permit until its attempt ends, so the late
+    failure is told apart from the probe's outcome; the probe alone closes the breaker.
+    """
+    breaker = CircuitBreaker(
+        window=2, min_calls=2, failure_ratio=1.0, open_seconds=10.0, half_open_probes=1
+    )
+    changes: list[BreakerStateChange] = []
+    breaker.subscribe(changes.append)
+    app = TaskProcessor(clock=clock)
+    go = {"slow": asyncio.Event(), "probe": asyncio.Event()}
+
+    @app.task(breaker=breaker)
+    async def call(kind: str) -> str:
+        if kind in go:
+            await go[kind].wait()
+        if kind != "probe":
+            raise ConnectionError(kind)
+        return kind
+
+    async with app.run(workers=4):
+        slow = await call.submit("slow")  # admitted while CLOSED; ends late
+        await settle()
+        for _ in range(2):
+            await (await call.submit("fail")).wait(timeout=5)
+        assert breaker.state is BreakerState.OPEN
+        clock.advance(10.0)
+        probe = await call.submit("probe")
+        await settle()
+        assert breaker.statistics(clock.now()).probes_in_flight == 1
+        go["slow"].set()
+        assert await slow.wait(timeout=5) is TaskState.FAILED
+        assert breaker.state_at(clock.now()) is BreakerState.HALF_OPEN  # not reopened
+        assert breaker.statistics(clock.now()).probes_in_flight == 1
+        go["probe"].set()
+        assert await probe.result(timeout=5) == "probe"
+        [stage] = [m for m in call.definition.middleware if repr(m).startswith("<BreakerStage")]
+        assert repr(stage).endswith(" admitted=0>")  # every permit was handed back
+    assert [(c.old, c.new) for c in changes] == [
+        (BreakerState.CLOSED, BreakerState.OPEN),
+        (BreakerState.OPEN, BreakerState.HALF_OPEN),
+        (BreakerState.HALF_OPEN, BreakerState.CLOSED),
+    ]
+    assert breaker.statistics(clock.now()).ignored == 1
+
+
+def test_a_breaker_stage_hands_back_each_permit_once_even_without_a_run() -> None:
+    """Admitted tasks that never run (expired, admitted again) give their probe place back.
+
+    The engine settles a task that expired after admission without an after_run; the
+    stage releases its permit on on_settled, and a task admitted again first releases
+    the permit of its earlier admission, so a half-open breaker never wedges.
+    """
+    from taskprocessor import Defer, TaskRecord
+
+    app = TaskProcessor()
+    breaker = CircuitBreaker(window=1, min_calls=1, open_seconds=0.0, half_open_probes=1)
+
+    @app.task(breaker=breaker)
+    async def call() -> None:
+        return None
+
+    definition = call.definition
+    [stage] = [m for m in definition.middleware if repr(m).startswith("<BreakerStage")]
+    first, second = TaskRecord(call.name, (), {}), TaskRecord(call.name, (), {})
+    permit = breaker.acquire(0.0)
+    breaker.record(0.0, success=False, duration=0.1, permit=permit)
+    assert stage.admit(first, definition, 1.0) is None  # the one probe
+    assert isinstance(stage.admit(second, definition, 1.0), Defer)
+    stage.on_settled(first)  # expired before it ran
+    assert breaker.statistics(1.0).probes_in_flight == 0
+    assert stage.admit(second, definition, 2.0) is None
+    assert stage.admit(second, definition, 3.0) is None  # its earlier permit is released
+    assert breaker.statistics(3.0).probes_in_flight == 1
+    stage.revoke(second, definition, 3.0)
+    stage.on_settled(second)  # nothing left to give back
+    assert breaker.statistics(3.0).probes_in_flight == 0
+    assert repr(stage).endswith(" admitted=0>")

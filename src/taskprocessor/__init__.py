@@ -48,6 +48,7 @@ from taskprocessor.resilience.adaptive import (
     WindowedStatistics,
 )
 from taskprocessor.resilience.breaker import (
+    BreakerPermit,
     BreakerState,
     BreakerStateChange,
     BreakerStatistics,
@@ -73,6 +74,7 @@ __all__ = (
     "AdaptiveLimit",
     "AsyncOnce",
     "Autoscale",
+    "BreakerPermit",
     "BreakerState",
     "BreakerStateChange",
     "BreakerStatistics",

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 from taskprocessor.engine.middleware import Defer, Middleware, Outcome
 from taskprocessor.errors import CircuitOpen, ConfigurationError
 from taskprocessor.resilience.adaptive import AdaptiveLimit, Gradient2, Windowed
-from taskprocessor.resilience.breaker import BreakerState, CircuitBreaker
+from taskprocessor.resilience.breaker import BreakerPermit, BreakerState, CircuitBreaker
 from taskprocessor.resilience.ratelimit import GCRA, KeyedGCRA, RateLimit
 from taskprocessor.task import TaskState
 
@@ -94,6 +94,11 @@ class BreakerStage(Middleware):
     default: none is lost while a dependency is down), or with ``fail_fast`` rejected
     with `CircuitOpen` through the central error handling. Attempts that raise one
     of ``failure_on`` (or time out) count as failures; cancelled ones do not count.
+
+    Each admitted task holds a `BreakerPermit` from admission until its attempt ends
+    (or a later stage revokes the admission), so the breaker matches every outcome to
+    the call it belongs to: a late outcome of a call admitted before the breaker
+    opened is never taken for a probe's.
     """
 
     def __init__(
@@ -112,6 +117,9 @@ class BreakerStage(Middleware):
             self._factory = breaker
         self._by_key: OrderedDict[str, CircuitBreaker] = OrderedDict()
         self._max_keys = max_keys
+        # Task id -> the permit of its admitted attempt; the permit knows its breaker,
+        # which may since have left _by_key.
+        self._permits: dict[str, BreakerPermit] = {}
         self.fail_fast = fail_fast
         self.failure_on = failure_on
 
@@ -143,8 +151,13 @@ class BreakerStage(Middleware):
         self, record: TaskRecord, definition: TaskDefinition, now: float
     ) -> Defer | BaseException | None:
         """Let the call through, defer it until a probe may pass, or fail it fast."""
+        # A permit this task still holds is from an attempt that never reported back
+        # (its worker was cancelled mid-run): give it back before taking another.
+        self._give_back(record, now)
         breaker = self.breaker_for(record)
-        if breaker.allow(now):
+        permit = breaker.acquire(now)
+        if permit is not None:
+            self._permits[record.id] = permit
             return None
         retry_after = breaker.retry_after(now)
         if self.fail_fast:
@@ -162,22 +175,36 @@ class BreakerStage(Middleware):
 
     def revoke(self, record: TaskRecord, definition: TaskDefinition, now: float) -> None:
         """Free the probe slot the call held (a later stage deferred it)."""
-        self.breaker_for(record).release(now)
+        self._give_back(record, now)
 
     def after_run(self, record: TaskRecord, ctx: TaskContext, outcome: Outcome, state: Any) -> None:
-        """Feed the attempt's outcome to the breaker."""
-        breaker = self.breaker_for(record)
+        """Feed the attempt's outcome to the breaker that admitted it."""
+        permit = self._permits.pop(record.id, None)
+        if permit is None:
+            return  # not admitted by this stage (its admit failed, and was logged)
         if outcome.state is TaskState.CANCELLED:
-            breaker.release(outcome.finished_at)
+            permit.breaker.release(outcome.finished_at, permit)
             return
         failed = outcome.state is TaskState.TIMED_OUT or (
             outcome.state is TaskState.FAILED and isinstance(outcome.error, self.failure_on)
         )
-        breaker.record(outcome.finished_at, success=not failed, duration=outcome.duration)
+        permit.breaker.record(
+            outcome.finished_at, success=not failed, duration=outcome.duration, permit=permit
+        )
+
+    def on_settled(self, record: TaskRecord) -> None:
+        """Give back the permit of an admitted task that settled without running (expired)."""
+        if self._permits:
+            self._give_back(record, record.finished_at or 0.0)
+
+    def _give_back(self, record: TaskRecord, now: float) -> None:
+        permit = self._permits.pop(record.id, None)
+        if permit is not None:
+            permit.breaker.release(now, permit)
 
     def __repr__(self) -> str:
         guard = repr(self.breaker) if self.breaker is not None else f"{len(self._by_key)} keys"
-        return f"<BreakerStage {guard}>"
+        return f"<BreakerStage {guard} admitted={len(self._permits)}>"
 
 
 @final

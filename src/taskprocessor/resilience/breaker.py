@@ -13,8 +13,10 @@ succeed it CLOSEs again with a clean slate, if one fails it OPENs for another ro
        │                        open_seconds passed  v    │
        └─────────────────────────────────────────── HALF_OPEN
 
-Nothing here reads a clock or awaits: each method takes ``now`` (monotonic seconds),
-and the caller raises `taskprocessor.errors.CircuitOpen` when `CircuitBreaker.allow`
+Each call is let through with a `BreakerPermit` (`CircuitBreaker.acquire`) that names
+the state period it was granted in, so an outcome reported late is never mistaken for
+a probe's. Nothing here reads a clock or awaits: each method takes ``now`` (monotonic
+seconds), and the caller raises `taskprocessor.errors.CircuitOpen` when the breaker
 says no. State changes go to subscribers (`CircuitBreaker.subscribe`) and to the log.
 """
 
@@ -31,6 +33,7 @@ from typing import final
 from taskprocessor.errors import ConfigurationError
 
 __all__ = [
+    "BreakerPermit",
     "BreakerState",
     "BreakerStateChange",
     "BreakerStatistics",
@@ -87,13 +90,16 @@ class BreakerStatistics:
         slow_calls: Slow outcomes in the window (0 without ``slow_call_seconds``).
         failure_ratio: ``failures / calls`` (0.0 with no calls).
         slow_call_ratio: ``slow_calls / calls`` (0.0 with no calls).
-        probes_in_flight: Probe calls allowed in HALF_OPEN and not yet reported.
+        probes_in_flight: Probe calls let through in this round of HALF_OPEN and not
+            yet reported.
         retry_after: Seconds until a call could be allowed: the rest of the cooldown
             while OPEN, else 0.0 (see `CircuitBreaker.retry_after`).
         times_opened: How often the breaker has opened.
-        rejected: Calls refused by `CircuitBreaker.allow`.
-        ignored: Outcomes reported while no call could be outstanding (a call allowed
-            before the breaker opened that finished while it was open or probing).
+        rejected: Calls refused by `CircuitBreaker.acquire` or `CircuitBreaker.allow`.
+        ignored: Outcomes that did not count: those of permits granted in an earlier
+            state period (a call let through before the breaker opened, or a probe of
+            an earlier round), and those reported without a permit while no call could
+            be outstanding.
     """
 
     name: str
@@ -108,6 +114,46 @@ class BreakerStatistics:
     times_opened: int
     rejected: int
     ignored: int
+
+
+@final
+class BreakerPermit:
+    """Leave for one call, granted by `CircuitBreaker.acquire`; report it exactly once.
+
+    Hand it back to `CircuitBreaker.record` once the call was made, or to
+    `CircuitBreaker.release` if it was not. The permit remembers the state period it was
+    granted in, so the breaker counts its outcome only where it belongs.
+
+    Attributes:
+        breaker: The breaker that granted it (with one breaker per key, the caller need
+            not look the breaker up again).
+        state: CLOSED for an ordinary call, HALF_OPEN for a probe.
+        epoch: The breaker's state period at the grant: how many state changes had
+            happened by then.
+    """
+
+    __slots__ = ("_reported", "breaker", "epoch", "state")
+
+    def __init__(self, breaker: CircuitBreaker, state: BreakerState, epoch: int) -> None:
+        self.breaker = breaker
+        self.state = state
+        self.epoch = epoch
+        self._reported = False
+
+    @property
+    def reported(self) -> bool:
+        """Whether it was recorded or released already."""
+        return self._reported
+
+    @property
+    def probe(self) -> bool:
+        """Whether the call is a HALF_OPEN probe."""
+        return self.state is BreakerState.HALF_OPEN
+
+    def __repr__(self) -> str:
+        kind = "probe" if self.probe else "call"
+        done = " reported" if self.reported else ""
+        return f"<BreakerPermit {self.breaker.name!r} {kind} epoch={self.epoch}{done}>"
 
 
 class _CountWindow:
@@ -191,9 +237,9 @@ class _TimeWindow:
 class CircuitBreaker:
     """Stop calling a failing dependency for a while, then probe it.
 
-    The caller asks `allow` before each call, reports each allowed call once with
-    `record` (it was made) or `release` (it was not, e.g. a later stage deferred it),
-    and raises `taskprocessor.errors.CircuitOpen` with `retry_after` when refused.
+    The caller takes a permit with `acquire` before each call, hands it back once with
+    `record` (the call was made) or `release` (it was not, e.g. a later stage deferred
+    it), and raises `taskprocessor.errors.CircuitOpen` with `retry_after` when refused.
 
     The breaker trips when the window holds at least ``min_calls`` outcomes and the
     failed share reaches ``failure_ratio``, or the slow share reaches
@@ -202,13 +248,28 @@ class CircuitBreaker:
     buckets, so the window spans between ``window_seconds - 1`` and
     ``window_seconds`` seconds).
 
-    In HALF_OPEN at most ``half_open_probes`` probes are allowed (a released probe
+    In HALF_OPEN at most ``half_open_probes`` probes are let through (a released probe
     gives its place back); when that many have succeeded the breaker closes with an
     empty window, and the first probe that fails, or is slow while slow calls trip
-    the breaker, opens it again. Outcomes are matched to probes by count, since
-    `allow` hands out no ticket: an outcome reported while no probe is outstanding
-    is ignored, one from a call allowed before the breaker opened that lands while
-    probes are out counts as a probe's.
+    the breaker, opens it again.
+
+    A permit belongs to the state period (*epoch*) it was granted in, and its outcome
+    counts only there: a CLOSED permit's in the window while the breaker is still in
+    that CLOSED period, a probe's towards its own round of probing. An outcome from
+    an earlier period is ignored (and counted in `BreakerStatistics.ignored`): a call
+    let through before the breaker opened that ends while it is open, probing, or
+    closed again; a probe of a round that a failed probe already ended. Like
+    resilience4j, such late outcomes never decide a round of probes; unlike it, they
+    do not land in the window of a later CLOSED period either, since the probes that
+    closed the breaker were made after them and are the fresher evidence (a backlog of
+    timeouts from the outage would otherwise trip the recovered breaker again).
+    Releasing a permit of an earlier period changes nothing.
+
+    `allow` is the same without a permit, for callers that keep none; its accounting
+    is approximate. While CLOSED every outcome reported without a permit counts in
+    the window; while HALF_OPEN one counts as a probe's if a probe let through by
+    `allow` is outstanding, whichever call it came from, and is ignored otherwise.
+    Probes taken with permits are never matched to outcomes reported without one.
 
     Args:
         window: Outcomes in the count-based window (unused with ``window_seconds``).
@@ -228,16 +289,23 @@ class CircuitBreaker:
 
     Example:
         >>> breaker = CircuitBreaker(window=4, min_calls=2, open_seconds=10.0, name="db")
+        >>> late = breaker.acquire(0.0)                  # a call that will end late
         >>> for now in (0.0, 0.1):
-        ...     assert breaker.allow(now)
-        ...     breaker.record(now, success=False, duration=0.05)
-        >>> breaker.state, breaker.allow(1.0), breaker.retry_after(1.0)
-        (<BreakerState.OPEN: 'open'>, False, 9.1)
-        >>> breaker.allow(10.1), breaker.state           # the first probe
-        (True, <BreakerState.HALF_OPEN: 'half_open'>)
+        ...     permit = breaker.acquire(now)
+        ...     breaker.record(now, success=False, duration=0.05, permit=permit)
+        >>> breaker.state, breaker.acquire(1.0), breaker.retry_after(1.0)
+        (<BreakerState.OPEN: 'open'>, None, 9.1)
+        >>> probe = breaker.acquire(10.1)                # the first probe
+        >>> probe, breaker.state
+        (<BreakerPermit 'db' probe epoch=2>, <BreakerState.HALF_OPEN: 'half_open'>)
+        >>> breaker.record(10.2, success=True, duration=10.2, permit=late)
+        >>> breaker.state, breaker.statistics(10.2).ignored  # not taken for the probe
+        (<BreakerState.HALF_OPEN: 'half_open'>, 1)
     """
 
     __slots__ = (
+        "_anonymous_probes",
+        "_epoch",
         "_failure_ratio",
         "_half_open_probes",
         "_ignored",
@@ -246,10 +314,8 @@ class CircuitBreaker:
         "_name",
         "_open_seconds",
         "_opened_at",
+        "_permit_probes",
         "_probe_successes",
-        "_probes_recorded",
-        "_probes_released",
-        "_probes_started",
         "_rejected",
         "_slow_call_ratio",
         "_slow_call_seconds",
@@ -314,10 +380,12 @@ class CircuitBreaker:
         self._half_open_probes = half_open_probes
         self._name = name
         self._state = BreakerState.CLOSED
+        self._epoch = 0  # state changes so far: the period a permit belongs to
         self._opened_at = -math.inf
-        self._probes_started = 0
-        self._probes_released = 0
-        self._probes_recorded = 0
+        # This round of HALF_OPEN: probes out with a permit, out without one (allow),
+        # and succeeded. Their sum never exceeds half_open_probes.
+        self._permit_probes = 0
+        self._anonymous_probes = 0
         self._probe_successes = 0
         self._listeners: list[Callable[[BreakerStateChange], object]] = []
         self._times_opened = 0
@@ -356,20 +424,42 @@ class CircuitBreaker:
 
         return unsubscribe
 
-    def allow(self, now: float) -> bool:
-        """Whether a call may go ahead at ``now``; True obliges a `record` or `release`.
+    def acquire(self, now: float) -> BreakerPermit | None:
+        """Let a call go ahead at ``now`` with a permit, or refuse it with None.
 
-        CLOSED allows every call. OPEN allows none until ``open_seconds`` after it
-        opened, then turns HALF_OPEN, which allows ``half_open_probes`` probes.
+        CLOSED lets every call through. OPEN refuses all until ``open_seconds`` after
+        it opened, then turns HALF_OPEN, which lets ``half_open_probes`` probes through.
+        A permit obliges exactly one `record` or `release` with it.
         """
+        if not self._admit(now):
+            return None
+        state = self._state
+        if state is BreakerState.HALF_OPEN:
+            self._permit_probes += 1
+        return BreakerPermit(self, state, self._epoch)
+
+    def allow(self, now: float) -> bool:
+        """Whether a call may go ahead at ``now``, without a permit; see `acquire`.
+
+        True obliges a `record` or `release` without a permit. The books of calls let
+        through this way are kept by count, so they are approximate (see the class
+        docstring); prefer `acquire` when the caller can keep the permit.
+        """
+        if not self._admit(now):
+            return False
+        if self._state is BreakerState.HALF_OPEN:
+            self._anonymous_probes += 1
+        return True
+
+    def _admit(self, now: float) -> bool:
         self._advance(now)
         if self._state is BreakerState.CLOSED:
             return True
         if (
             self._state is BreakerState.HALF_OPEN
-            and self._probes_started - self._probes_released < self._half_open_probes
+            and self._permit_probes + self._anonymous_probes + self._probe_successes
+            < self._half_open_probes
         ):
-            self._probes_started += 1
             return True
         self._rejected += 1
         return False
@@ -379,57 +469,87 @@ class CircuitBreaker:
 
         OPEN: the rest of ``open_seconds``. HALF_OPEN: 0.0, also when every probe
         place is taken, since the probes' outcomes (not the clock) decide when the next
-        call may pass; callers that find `allow` still refusing should ask again after
+        call may pass; callers that find `acquire` still refusing should ask again after
         a short interval, or subscribe to hear of the change.
         """
         if self._state is BreakerState.OPEN:
             return max(0.0, self._opened_at + self._open_seconds - now)
         return 0.0
 
-    def record(self, now: float, *, success: bool, duration: float) -> None:
-        """Report the outcome of a call that `allow` let through.
+    def record(
+        self,
+        now: float,
+        *,
+        success: bool,
+        duration: float,
+        permit: BreakerPermit | None = None,
+    ) -> None:
+        """Report the outcome of a call that `acquire` (or `allow`) let through.
 
         Args:
             now: When the call ended (monotonic seconds).
             success: Whether it succeeded; False for an error or a timeout that the
                 dependency is to blame for.
             duration: How long the call took, in seconds (for the slow-call share).
+            permit: The call's permit from `acquire`; None for a call that `allow`
+                let through (then the outcome is matched by count, see the class
+                docstring).
 
         Raises:
-            ConfigurationError: ``duration`` is negative or not a number.
+            ConfigurationError: ``duration`` is negative or not a number, or ``permit``
+                was granted by another breaker or was reported already.
         """
         if not duration >= 0:
             raise ConfigurationError("duration", duration, "seconds >= 0")
         slow = self._slow_call_seconds is not None and duration > self._slow_call_seconds
         state = self._state
+        if permit is not None:
+            self._take_back(permit)
+            if permit.epoch != self._epoch:
+                self._ignored += 1
+                return
+            if state is BreakerState.HALF_OPEN:
+                self._permit_probes -= 1
+        elif state is BreakerState.HALF_OPEN and self._anonymous_probes > 0:
+            self._anonymous_probes -= 1
+        elif state is not BreakerState.CLOSED:
+            self._ignored += 1
+            return
         if state is BreakerState.CLOSED:
             self._window.add(now, (0 if success else _FAILED) | (_SLOW if slow else 0))
             self._check_trip(now)
-        elif state is BreakerState.HALF_OPEN and self._probes_outstanding() > 0:
-            self._probes_recorded += 1
-            if not success or (slow and self._slow_call_ratio < 1):
-                why = "failed" if not success else f"took {duration:g}s"
-                self._open(now, f"a probe {why}")
-            else:
-                self._probe_successes += 1
-                if self._probe_successes >= self._half_open_probes:
-                    self._window.clear()
-                    self._transition(
-                        now,
-                        BreakerState.CLOSED,
-                        f"{self._probe_successes} probes succeeded",
-                    )
+        elif not success or (slow and self._slow_call_ratio < 1):
+            why = "failed" if not success else f"took {duration:g}s"
+            self._open(now, f"a probe {why}")
         else:
-            self._ignored += 1
+            self._probe_successes += 1
+            if self._probe_successes >= self._half_open_probes:
+                self._window.clear()
+                self._transition(
+                    now, BreakerState.CLOSED, f"{self._probe_successes} probes succeeded"
+                )
 
-    def release(self, now: float) -> None:
-        """Report that a call `allow` let through was not made after all.
+    def release(self, now: float, permit: BreakerPermit | None = None) -> None:
+        """Report that a call `acquire` (or `allow`) let through was not made after all.
 
-        In HALF_OPEN this gives the probe's place to another call; otherwise it only
-        balances the books.
+        A probe of the current round gives its place to another call; otherwise this
+        only balances the books.
+
+        Args:
+            now: When the call was given up (monotonic seconds).
+            permit: The call's permit from `acquire`; None for a call that `allow`
+                let through (then any probe let through by `allow` gives its place).
+
+        Raises:
+            ConfigurationError: ``permit`` was granted by another breaker or was
+                reported already.
         """
-        if self._state is BreakerState.HALF_OPEN and self._probes_outstanding() > 0:
-            self._probes_released += 1
+        if permit is not None:
+            self._take_back(permit)
+            if permit.epoch == self._epoch and self._state is BreakerState.HALF_OPEN:
+                self._permit_probes -= 1
+        elif self._state is BreakerState.HALF_OPEN and self._anonymous_probes > 0:
+            self._anonymous_probes -= 1
 
     def statistics(self, now: float) -> BreakerStatistics:
         """Return a snapshot of the breaker at ``now`` (applying a due OPEN -> HALF_OPEN)."""
@@ -467,12 +587,23 @@ class CircuitBreaker:
     def _probes_outstanding(self) -> int:
         if self._state is not BreakerState.HALF_OPEN:
             return 0
-        return self._probes_started - self._probes_released - self._probes_recorded
+        return self._permit_probes + self._anonymous_probes
+
+    def _take_back(self, permit: BreakerPermit) -> None:
+        """Check that ``permit`` is this breaker's and unreported, and mark it reported."""
+        if permit.breaker is not self:
+            raise ConfigurationError(
+                "permit", permit, f"a permit granted by this breaker, {self._name!r}"
+            )
+        if permit.reported:
+            raise ConfigurationError(
+                "permit", permit, "a permit not reported yet: record or release each once"
+            )
+        permit._reported = True  # the breaker keeps its permits' books
 
     def _advance(self, now: float) -> None:
         if self._state is BreakerState.OPEN and now >= self._opened_at + self._open_seconds:
-            self._probes_started = self._probes_released = 0
-            self._probes_recorded = self._probe_successes = 0
+            self._permit_probes = self._anonymous_probes = self._probe_successes = 0
             self._transition(
                 now, BreakerState.HALF_OPEN, f"open for {self._open_seconds:g}s; probing"
             )
@@ -505,6 +636,7 @@ class CircuitBreaker:
     def _transition(self, now: float, new: BreakerState, reason: str) -> None:
         change = BreakerStateChange(self._name, self._state, new, now, reason)
         self._state = new
+        self._epoch += 1
         if new is BreakerState.OPEN:
             logger.warning(
                 "circuit breaker %r opened: %s; calls refused for %gs",
