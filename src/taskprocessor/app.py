@@ -7,10 +7,11 @@ import concurrent.futures
 import contextlib
 import datetime
 import functools
+import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar, final, overload
+from typing import Any, Final, Generic, Protocol, TypeVar, final, overload, runtime_checkable
 
 from taskprocessor.brokers import Broker, BrokerStatistics, open_broker
 from taskprocessor.clock import Clock, LoopClock, clock_timeout
@@ -45,6 +46,26 @@ __all__ = ["JobHandle", "ProcessorState", "ProcessorStatistics", "Task", "TaskPr
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
+
+# Submit options beyond the engine's: an idempotency key, for brokers that keep them.
+_UNIQUE_OPTIONS: Final = frozenset({"unique_key", "unique_for"})
+_OPTIONS: Final = SUBMIT_OPTIONS | _UNIQUE_OPTIONS
+
+
+@runtime_checkable
+class _BoundsLostAttempts(Protocol):
+    """A broker that dead-letters a task whose worker was lost after enough attempts."""
+
+    def set_max_attempts(self, task_name: str, attempts: int) -> None: ...
+
+
+def _keeps_unique_keys(broker: Broker) -> bool:
+    """Whether ``broker.enqueue`` takes ``unique_key`` and ``unique_for`` (as Redis's does)."""
+    try:
+        parameters = inspect.signature(broker.enqueue).parameters
+    except (TypeError, ValueError):
+        return False
+    return parameters.keys() >= _UNIQUE_OPTIONS
 
 
 ProcessorState = PoolState
@@ -200,6 +221,8 @@ class Task(Generic[R]):
         ttl: float | None = None,
         timeout: float | None = None,
         block: bool = True,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
         **kwargs: Any,
     ) -> JobHandle[R]:
         """Queue one run of the task with these arguments.
@@ -213,11 +236,18 @@ class Task(Generic[R]):
             ttl: Seconds it may wait in the queue before it expires unstarted.
             timeout: Run timeout per attempt in seconds (overrides the task's).
             block: When the queue is full, wait for room (True) or raise `QueueFull`.
+            unique_key: An idempotency key (Redis broker): while a task submitted with
+                the same key less than ``unique_for`` seconds ago is known, this submit
+                queues nothing and returns a handle to that task.
+            unique_for: Seconds the unique key holds (default: the broker's, an hour).
             **kwargs: Keyword arguments for the handler. To pass one named like an
                 option above, use `apply`.
 
         Returns:
             A `JobHandle` for the queued task.
+
+        Raises:
+            ConfigurationError: ``unique_key`` with a broker that keeps no unique keys.
         """
         return await self._app.submit_record(
             self._app.build_record(
@@ -232,7 +262,51 @@ class Task(Generic[R]):
                 timeout=timeout,
             ),
             block=block,
+            unique_key=unique_key,
+            unique_for=unique_for,
         )
+
+    async def submit_many(
+        self,
+        calls: Iterable[tuple[Any, ...] | Mapping[str, Any]],
+        *,
+        block: bool = True,
+        **options: Any,
+    ) -> list[JobHandle[R]]:
+        """Queue one run per item of ``calls`` in one bulk submit (pipelined over Redis).
+
+        Args:
+            calls: The arguments of each run: a tuple of positional arguments, or a
+                mapping of keyword arguments.
+            block: When the queue is full, wait for room (True) or raise `QueueFull`.
+            **options: Options for every run, as for `submit` (``priority``,
+                ``delay``, ``eta``, ``key``, ``ttl``, ``timeout``).
+
+        Returns:
+            The handles, in the order of ``calls``.
+
+        Raises:
+            PayloadError: Some arguments cannot cross the broker; none is queued.
+        """
+        unknown = set(options) - (SUBMIT_OPTIONS - {"block"})
+        if unknown:
+            raise ConfigurationError(
+                "options",
+                sorted(unknown),
+                f"options for every run among {sorted(SUBMIT_OPTIONS - {'block'})}",
+            )
+        records = []
+        for call in calls:
+            if isinstance(call, tuple):
+                args, kwargs = call, {}
+            elif isinstance(call, Mapping):
+                args, kwargs = (), dict(call)
+            else:
+                raise ConfigurationError(
+                    "calls", call, "items that are tuples (positional) or mappings (keyword)"
+                )
+            records.append(self._app.build_record(self.definition, args, kwargs, **options))
+        return await self._app.submit_records(records, block=block)
 
     async def apply(
         self,
@@ -241,14 +315,15 @@ class Task(Generic[R]):
         **options: Any,
     ) -> JobHandle[R]:
         """Submit with arguments given as a tuple and a dict; ``options`` as for `submit`."""
-        unknown = set(options) - SUBMIT_OPTIONS
+        unknown = set(options) - _OPTIONS
         if unknown:
             raise ConfigurationError(
-                "options", sorted(unknown), f"submit options among {sorted(SUBMIT_OPTIONS)}"
+                "options", sorted(unknown), f"submit options among {sorted(_OPTIONS)}"
             )
         block = options.pop("block", True)
+        unique = {k: options.pop(k) for k in _UNIQUE_OPTIONS & options.keys()}
         record = self._app.build_record(self.definition, tuple(args), dict(kwargs or {}), **options)
-        return await self._app.submit_record(record, block=block)
+        return await self._app.submit_record(record, block=block, **unique)
 
     def submit_threadsafe(
         self, *args: Any, **kwargs: Any
@@ -326,6 +401,7 @@ class TaskProcessor:
         if not grace >= 0:
             raise ConfigurationError("grace", grace, "seconds >= 0")
         self.broker: Broker = broker
+        self._unique = _keeps_unique_keys(broker)
         self._on_error = on_error
         self._max_threads = max_threads
         self._max_processes = max_processes
@@ -407,11 +483,42 @@ class TaskProcessor:
                     "a name not yet registered (pass name=... to tell two handlers apart)",
                 )
             self._tasks[definition.name] = definition
+            self._bound_lost_attempts(definition)
             return Task(self, definition)
 
         if fn is not None:
             return register(fn)
         return register
+
+    def _bound_lost_attempts(self, definition: TaskDefinition) -> None:
+        # A worker lost mid-task costs an attempt too: the task's retry policy bounds
+        # how many a durable broker grants before it dead-letters the task.
+        if isinstance(self.broker, _BoundsLostAttempts):
+            self.broker.set_max_attempts(definition.name, definition.retry.max_attempts)
+
+    def use_broker(self, broker: str | Broker) -> None:
+        """Replace the broker before the processor uses it (the worker's ``--broker``).
+
+        Args:
+            broker: A broker URL (built on this processor's clock) or a `Broker`.
+
+        Raises:
+            ProcessorClosed: The processor is running or has run.
+            ConfigurationError: ``broker`` is neither a URL nor a `Broker`.
+        """
+        if self._state is not ProcessorState.NEW:
+            raise ProcessorClosed(
+                f"the processor is {self._state.value}; its broker can only be replaced "
+                "before run()"
+            )
+        if isinstance(broker, str):
+            broker = open_broker(broker, clock=self.clock)
+        elif not isinstance(broker, Broker):
+            raise ConfigurationError("broker", broker, "a broker URL or a Broker instance")
+        self.broker = broker
+        self._unique = _keeps_unique_keys(broker)
+        for definition in self._tasks.values():
+            self._bound_lost_attempts(definition)
 
     def breaker(self, name: str, **config: Any) -> CircuitBreaker:
         """Declare a named circuit breaker, shared by the task types that name it.
@@ -493,12 +600,54 @@ class TaskProcessor:
             raise ConfigurationError("delay", delay, "seconds >= 0")
         return self.clock.now() + delay
 
-    async def submit_record(self, record: TaskRecord, *, block: bool = True) -> JobHandle[Any]:
-        """Queue a built record and return its handle."""
+    async def submit_record(
+        self,
+        record: TaskRecord,
+        *,
+        block: bool = True,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
+    ) -> JobHandle[Any]:
+        """Queue a built record and return its handle (see `Task.submit` for the options)."""
+        self._check_open()
+        if unique_key is None:
+            if unique_for is not None:
+                raise ConfigurationError("unique_for", unique_for, "None when unique_key is None")
+            self._on_submit(record)
+            await self.broker.enqueue(record, block=block)
+            return JobHandle(self, record)
+        if not self._unique:
+            raise ConfigurationError(
+                "unique_key",
+                unique_key,
+                f"None with the broker {self.broker.url} (it keeps no unique keys; the "
+                "Redis broker does)",
+            )
+        unique: dict[str, Any] = {"unique_key": str(unique_key)}
+        if unique_for is not None:
+            unique["unique_for"] = unique_for
+        self._on_submit(record)
+        enqueue: Any = self.broker.enqueue  # checked above to take the unique options
+        await enqueue(record, block=block, **unique)
+        return JobHandle(self, record)
+
+    async def submit_records(
+        self, records: Sequence[TaskRecord], *, block: bool = True
+    ) -> list[JobHandle[Any]]:
+        """Queue built records in one bulk submit and return their handles, in order."""
+        self._check_open()
+        for record in records:
+            self._on_submit(record)
+        await self.broker.enqueue_many(records, block=block)
+        return [JobHandle(self, record) for record in records]
+
+    def _check_open(self) -> None:
         if self._state is ProcessorState.STOPPING or self._state is ProcessorState.CLOSED:
             raise ProcessorClosed(
                 f"the processor is {self._state.value}; tasks can no longer be submitted"
             )
+
+    def _on_submit(self, record: TaskRecord) -> None:
         definition = self._tasks.get(record.name)
         if definition is not None:
             for hook in definition.hooks.on_submit:
@@ -506,8 +655,6 @@ class TaskProcessor:
                     hook(record)
                 except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
                     hook_failed(hook)
-        await self.broker.enqueue(record, block=block)
-        return JobHandle(self, record)
 
     async def submit(self, name: str, *args: Any, **kwargs: Any) -> JobHandle[Any]:
         """Submit a task by its registered name; arguments and options as for `Task.submit`.
@@ -518,10 +665,11 @@ class TaskProcessor:
         definition = self._tasks.get(name)
         if definition is None:
             raise UnknownTask(name, tuple(self._tasks))
-        options = {k: kwargs.pop(k) for k in SUBMIT_OPTIONS & kwargs.keys()}
+        options = {k: kwargs.pop(k) for k in _OPTIONS & kwargs.keys()}
         block = options.pop("block", True)
+        unique = {k: options.pop(k) for k in _UNIQUE_OPTIONS & options.keys()}
         record = self.build_record(definition, args, kwargs, **options)
-        return await self.submit_record(record, block=block)
+        return await self.submit_record(record, block=block, **unique)
 
     def call_threadsafe(self, coro: Awaitable[R]) -> concurrent.futures.Future[R]:
         """Run a coroutine of this processor from another thread; returns a concurrent future.

@@ -8,8 +8,8 @@ behaviour is checked by advancing time, never by sleeping.
 from __future__ import annotations
 
 import asyncio
-from time import monotonic as _monotonic
 from collections.abc import Callable
+from time import monotonic as _monotonic
 from typing import Protocol, final
 
 __all__ = ["Clock", "LoopClock", "Timer", "clock_timeout"]
