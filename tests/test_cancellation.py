@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
 
 import pytest
 
+from support import BOUND, state
 from taskprocessor import (
-    JobHandle,
     TaskCancelled,
     TaskContext,
     TaskProcessor,
     TaskState,
 )
 from taskprocessor.testing import FakeClock, settle
-
-BOUND = 10.0  # seconds of real time before a hung test fails instead of hanging
-
-
-def state(job: JobHandle[Any]) -> TaskState:
-    """Read the state afresh (a call, so that type checkers do not pin an earlier value)."""
-    return job.state
 
 
 async def wait(event: asyncio.Event) -> None:

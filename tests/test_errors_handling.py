@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from support import BOUND, state
 from taskprocessor import (
     Action,
     Decision,
@@ -23,13 +24,6 @@ from taskprocessor import (
     UnknownTask,
 )
 from taskprocessor.testing import FakeClock, settle
-
-BOUND = 10.0  # seconds of real time before a hung test fails instead of hanging
-
-
-def state(job: JobHandle[Any]) -> TaskState:
-    """Read the state afresh (a call, so that type checkers do not pin an earlier value)."""
-    return job.state
 
 
 class Boom(Exception):

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from support import BOUND
 from taskprocessor import (
     AIMD,
     CircuitBreaker,
@@ -34,7 +35,6 @@ from taskprocessor.observability import (
 )
 from taskprocessor.testing import FakeClock, settle
 
-BOUND = 10.0  # seconds of real time before a hung test fails instead of hanging
 DEFAULT = {"queue": "default"}
 # Every label the metrics may carry: bounded sets, never ids or arguments.
 BOUNDED_LABELS = {"task", "queue", "outcome", "error", "reason", "le", "priority", "breaker"}

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from support import BOUND
 from taskprocessor import (
     ConfigurationError,
     JobHandle,
@@ -28,8 +29,6 @@ from taskprocessor import (
     UnknownTask,
 )
 from taskprocessor.testing import FakeClock, settle
-
-BOUND = 10.0  # seconds of real time before a hung test fails instead of hanging
 
 
 def cpu_pid(x: int) -> tuple[int, int]:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
 
 import pytest
 
+from support import BOUND, state
 from taskprocessor import (
-    JobHandle,
     ResultTimeout,
     RetryPolicy,
     TaskContext,
@@ -19,13 +18,6 @@ from taskprocessor import (
     TaskTimeout,
 )
 from taskprocessor.testing import FakeClock, settle
-
-BOUND = 10.0  # seconds of real time before a hung test fails instead of hanging
-
-
-def state(job: JobHandle[Any]) -> TaskState:
-    """Read the state afresh (a call, so that type checkers do not pin an earlier value)."""
-    return job.state
 
 
 class Flaky(Exception):

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
 
+from support import BOUND
 from taskprocessor import (
     ConfigurationError,
     Defer,
@@ -32,8 +33,6 @@ from taskprocessor import (
 from taskprocessor.engine.definition import TaskDefinition
 from taskprocessor.observability import TracingMiddleware
 from taskprocessor.testing import FakeClock, settle
-
-BOUND = 10.0  # seconds of real time before a hung test fails instead of hanging
 
 
 @pytest.fixture
