@@ -611,13 +611,14 @@ async def test_retry_and_release_after_losing_the_lease_change_nothing() -> None
 
 
 async def test_lease_lost_too_often_dead_letters_the_task() -> None:
-    """A task whose worker keeps dying is dead-lettered after max_attempts, saying why."""
+    """A task whose worker keeps dying is dead-lettered after max(max_attempts, 3) losses."""
     harness = RedisHarness(require_redis(), lease=0.2, max_attempts=2)
     async with harness.open_redis() as broker:
         record = make(harness.queue, "crashy")
         await broker.enqueue(record)
-        await reserve(broker)
-        assert (await broker.recover(after=1.0))[0] == [record.id]
+        for _ in range(2):
+            await reserve(broker)
+            assert (await broker.recover(after=1.0))[0] == [record.id]
         await reserve(broker)
         assert (await broker.recover(after=1.0))[1] == [record.id]
         assert await finished(record) is TaskState.FAILED
@@ -626,16 +627,20 @@ async def test_lease_lost_too_often_dead_letters_the_task() -> None:
         (letter,) = await broker.dead_letters()
         assert letter.id == record.id
         assert letter.dead_letter_reason is not None
-        assert "attempt 2 of 2" in letter.dead_letter_reason
+        assert "lost (lease expired) 3 times" in letter.dead_letter_reason
 
 
 async def test_set_max_attempts_applies_per_task_type() -> None:
-    """set_max_attempts() gives one task type its own bound on lost leases."""
+    """set_max_attempts() gives one task type its own bound; a lost lease is redelivered
+    even with max_attempts=1 (a crash is not a failure), up to three times."""
     harness = RedisHarness(require_redis(), lease=0.2, max_attempts=5)
     async with harness.open_redis() as broker:
         broker.set_max_attempts("fragile", 1)
         record = make(harness.queue, "fragile")
         await broker.enqueue(record)
+        for _ in range(2):
+            await reserve(broker)
+            assert (await broker.recover(after=1.0))[0] == [record.id]
         await reserve(broker)
         assert (await broker.recover(after=1.0))[1] == [record.id]
         with pytest.raises(ConfigurationError):

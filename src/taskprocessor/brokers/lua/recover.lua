@@ -1,5 +1,9 @@
 -- Take back expired leases: each such task is ready again with attempt + 1, or
--- dead-lettered once it has used up its attempts, or CANCELLED if that was asked.
+-- dead-lettered once its leases were lost too often, or CANCELLED if that was asked.
+-- A lost lease is a lost *delivery* (the worker died or hung, perhaps before the task
+-- even started), so it is not held against max_attempts, which bounds failures: with
+-- retries=0 a crash still redelivers. A task whose worker is lost max(max_attempts, 3)
+-- times is dead-lettered (a poison task that kills its worker cannot loop forever).
 -- KEYS: leases, ready
 -- ARGV: prefix, after_ms (added to the server's clock: tests look ahead), limit,
 --       result_ttl_ms, max_dead
@@ -15,14 +19,15 @@ for _, id in ipairs(expired) do
   local f = redis.call('HMGET', h, 'state', 'cancel', 'max')
   if f[1] == 'running' then
     local attempt = redis.call('HINCRBY', h, 'attempt', 1)
+    local lost = redis.call('HINCRBY', h, 'lost', 1)
     redis.call('HDEL', h, 'token')
-    local max_attempts = tonumber(f[3])
+    local max_lost = math.max(tonumber(f[3]) or 0, 3)
     if f[2] then
       local outcome = outcome_json(id, 'cancelled', attempt, {kind = 'cancelled', reason = 'cancelled'})
       finish(prefix, h, 'cancelled', outcome, result_ttl_ms)
       cancelled[#cancelled + 1] = id
-    elseif max_attempts and max_attempts > 0 and attempt >= max_attempts then
-      local reason = 'its worker was lost (lease expired) on attempt ' .. attempt .. ' of ' .. max_attempts
+    elseif lost >= max_lost then
+      local reason = 'its worker was lost (lease expired) ' .. lost .. ' times, the most allowed'
       local error_fields = {kind = 'failed', type = 'LeaseExpired', message = reason}
       bury(prefix, h, id, 'failed', outcome_json(id, 'failed', attempt, error_fields, reason), reason, max_dead)
       dead[#dead + 1] = id
