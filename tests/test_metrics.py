@@ -20,6 +20,7 @@ from taskprocessor import (
     ConfigurationError,
     Defer,
     Middleware,
+    Outcome,
     Priority,
     RetryPolicy,
     TaskProcessor,
@@ -326,7 +327,8 @@ def test_histogram_buckets_follow_le_and_span_one_ms_to_five_minutes(
     record.enqueued_at, record.started_at = 10.0, 10.5
     for wait in (0.5, 0.5000001, 1000.0):
         record.started_at = record.enqueued_at + wait
-        metrics.before_run(record, None)  # type: ignore[arg-type]
+        outcome = Outcome(TaskState.SUCCEEDED, None, record.started_at, record.started_at)
+        metrics.after_run(record, None, outcome, None)  # type: ignore[arg-type]
     s = scrape(registry)
     bucket = "taskprocessor_queue_wait_seconds_bucket"
     assert value(s, bucket, **task_labels("t"), le="0.25") == 0
@@ -528,3 +530,31 @@ def test_bad_port_is_rejected() -> None:
     """A port outside 0-65535 is refused before anything binds."""
     with pytest.raises(ConfigurationError, match="port"):
         start_metrics_server(70000)
+
+
+async def test_started_counts_running_attempts_of_an_observed_processor(
+    registry: CollectorRegistry,
+) -> None:
+    """tasks_started includes an attempt still running, read from the observed processor."""
+    metrics = MetricsMiddleware(registry)
+    app = TaskProcessor(middleware=[metrics])
+    metrics.observe_processor(app)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.task(name="long")
+    async def long() -> None:
+        started.set()
+        await release.wait()
+
+    async with app.run(workers=1):
+        job = await long.submit()
+        await asyncio.wait_for(started.wait(), BOUND)
+        assert (
+            value(scrape(registry), "taskprocessor_tasks_started_total", **task_labels("long")) == 1
+        )
+        release.set()
+        await job.result(timeout=BOUND)
+        s = scrape(registry)
+    assert value(s, "taskprocessor_tasks_started_total", **task_labels("long")) == 1
+    assert value(s, "taskprocessor_tasks_succeeded_total", **task_labels("long")) == 1

@@ -78,6 +78,7 @@ class PoolStatistics:
         retiring: Workers finishing their last task before they exit.
         parked: Reserved tasks waiting behind a full concurrency limit.
         threads_abandoned: Interrupted plain-function calls still running in a thread.
+        running_by_task: Attempts running now, by task name.
         succeeded: Tasks that returned.
         failed: Tasks that ended failed (retries exhausted or not retried).
         timed_out: Tasks whose last attempt timed out.
@@ -92,6 +93,7 @@ class PoolStatistics:
     retiring: int
     parked: int
     threads_abandoned: int
+    running_by_task: Mapping[str, int]
     succeeded: int
     failed: int
     timed_out: int
@@ -638,8 +640,17 @@ class WorkerPool:
             retiring=retiring,
             parked=self._limits.parked + self._admission.parked,
             threads_abandoned=self._executors.abandoned,
+            running_by_task=self._running_by_task(),
             **self._counts,
         )
+
+    def _running_by_task(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for worker in self._running.values():
+            if worker.ctx is not None:
+                name = worker.ctx.task_name
+                counts[name] = counts.get(name, 0) + 1
+        return counts
 
     def __repr__(self) -> str:
         return (
