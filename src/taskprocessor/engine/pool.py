@@ -51,6 +51,7 @@ __all__ = ["PoolState", "PoolStatistics", "ShutdownReport", "WorkerPool"]
 logger = logging.getLogger(__name__)
 
 _CANCELLED, _TIMED_OUT, _SHUT_DOWN = CANCELLED, TIMED_OUT, SHUT_DOWN
+_new_outcome: Final = tuple.__new__
 
 # How long shutdown waits for interrupted handlers to return before giving up on them.
 _HARD_STOP: Final = 5.0
@@ -512,7 +513,10 @@ class WorkerPool:
         result, error = await self._run_handler(worker, record, definition, ctx)
         reason = ctx.cancel_reason
         if hooks.after_run:
-            outcome = Outcome(attempt_state(reason, error), error, now, self._clock.now())
+            # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level call.
+            outcome = _new_outcome(
+                Outcome, (attempt_state(reason, error), error, now, self._clock.now())
+            )
             for i, after in hooks.after_run:
                 try:
                     after(record, ctx, outcome, None if states is None else states[i])
