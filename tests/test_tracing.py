@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
 
+from redis_support import delete_queue, new_queue, require_redis
 from support import BOUND
 from taskprocessor import (
     ConfigurationError,
@@ -519,3 +520,34 @@ async def test_a_global_provider_set_after_creation_is_used_from_then_on(
 
     assert sorted(s.name for s in exporter.get_finished_spans()) == ["process work", "send work"]
     assert repr(tracing) == "<TracingMiddleware on>"
+
+
+async def test_trace_context_crosses_the_redis_broker_between_two_processors(
+    tracing: TracingMiddleware, exporter: InMemorySpanExporter
+) -> None:
+    """Over Redis the trace context travels in the envelope: a producer processor's send
+    span is the parent of the process span in another processor (its own broker)."""
+    url = require_redis()
+    queue = new_queue()
+    idle = new_queue()  # the producer's workers serve another queue: only the consumer runs it
+    producer = TaskProcessor(f"{url}?queues={idle}", middleware=[tracing])
+    consumer = TaskProcessor(f"{url}?queues={queue}", middleware=[tracing])
+    for app in (producer, consumer):
+
+        @app.task(name="remote", queue=queue)
+        async def remote(ctx: TaskContext) -> str:
+            return ctx.headers.get("traceparent", "")
+
+    try:
+        async with consumer.run(workers=1), producer.run(workers=1):
+            job = await producer.submit("remote")
+            traceparent = await job.result(timeout=BOUND)
+    finally:
+        delete_queue(queue)
+        delete_queue(idle)
+    spans = exporter.get_finished_spans()
+    send = only(spans, "send remote")
+    processes = named(spans, "process remote")
+    assert len(processes) == 1
+    assert parent_id(processes[0]) == span_id(send)
+    assert traceparent.split("-")[1:3] == [f"{trace_id(send):032x}", f"{span_id(send):016x}"]
