@@ -6,13 +6,7 @@ worker pool with ``async with app.run(workers=...)``.
 
 from __future__ import annotations
 
-from taskprocessor.app import (
-    JobHandle,
-    ProcessorState,
-    ProcessorStatistics,
-    Task,
-    TaskProcessor,
-)
+from taskprocessor.app import ProcessorState, ProcessorStatistics, TaskProcessor
 from taskprocessor.brokers import Broker, BrokerStatistics, MemoryBroker
 from taskprocessor.clock import Clock, LoopClock, clock_timeout
 from taskprocessor.engine.autoscaler import Autoscale
@@ -37,6 +31,7 @@ from taskprocessor.errors import (
     TaskTimeout,
     UnknownTask,
 )
+from taskprocessor.handles import JobHandle, Task
 from taskprocessor.once import AsyncOnce, Once
 from taskprocessor.resilience.adaptive import (
     AIMD,

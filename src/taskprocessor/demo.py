@@ -13,9 +13,10 @@ import time
 from collections import Counter
 from typing import TextIO
 
-from taskprocessor.app import JobHandle, TaskProcessor
+from taskprocessor.app import TaskProcessor
 from taskprocessor.engine.autoscaler import Autoscale
 from taskprocessor.engine.failures import Decision, Failure
+from taskprocessor.handles import JobHandle
 from taskprocessor.resilience.adaptive import AIMD
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import Priority, TaskContext, TaskState

@@ -1,0 +1,275 @@
+"""What users hold: `Task` (a registered task type, from ``@app.task``) and `JobHandle`."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar, final, overload
+
+from taskprocessor.clock import clock_timeout
+from taskprocessor.engine.definition import SUBMIT_OPTIONS, TaskDefinition
+from taskprocessor.errors import ConfigurationError, ResultTimeout
+from taskprocessor.task import TaskRecord, TaskState
+
+if TYPE_CHECKING:
+    from taskprocessor.app import TaskProcessor
+
+__all__ = ["JobHandle", "Task"]
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+_UNIQUE_OPTIONS: Final = frozenset({"unique_key", "unique_for"})
+_OPTIONS: Final = SUBMIT_OPTIONS | _UNIQUE_OPTIONS
+
+
+@final
+class JobHandle(Generic[R]):
+    """A submitted task: its id and state, and a way to await or cancel it.
+
+    Like `concurrent.futures.Future`, but the task runs in a worker pool that may
+    live in another process.
+    """
+
+    __slots__ = ("_app", "_record")
+
+    def __init__(self, app: TaskProcessor, record: TaskRecord) -> None:
+        self._app = app
+        self._record = record
+
+    @property
+    def id(self) -> str:
+        """The task id."""
+        return self._record.id
+
+    @property
+    def name(self) -> str:
+        """The registered task name."""
+        return self._record.name
+
+    @property
+    def state(self) -> TaskState:
+        """The task's current state."""
+        return self._record.state
+
+    @property
+    def attempt(self) -> int:
+        """Attempts started so far."""
+        return self._record.attempt
+
+    def done(self) -> bool:
+        """Whether the task reached a final state."""
+        return self._record.state.is_final
+
+    async def wait(self, timeout: float | None = None) -> TaskState:
+        """Wait for a final state and return it, without raising the task's error.
+
+        Raises:
+            ResultTimeout: Still not done after ``timeout`` seconds.
+        """
+        record = self._record
+        if not record.state.is_final:
+            waiter = record.completion()
+            if timeout is None:
+                await asyncio.shield(waiter)
+            else:
+                if not timeout >= 0:
+                    raise ConfigurationError("timeout", timeout, "seconds >= 0, or None")
+                try:
+                    async with clock_timeout(self._app.clock, timeout):
+                        await asyncio.shield(waiter)
+                except TimeoutError:
+                    raise ResultTimeout(record.id, timeout) from None
+        return record.state
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the task and return its result, or raise why it has none.
+
+        Raises:
+            ResultTimeout: Still not done after ``timeout`` seconds (the task goes on).
+            TaskCancelled: The task was cancelled.
+            TaskTimeout: Its last attempt ran past its timeout.
+            TaskExpired: It was not started within its ttl.
+            Exception: Whatever the handler raised, with its traceback.
+        """
+        state = await self.wait(timeout)
+        record = self._record
+        if state is TaskState.SUCCEEDED:
+            value: R = record.result
+            return value
+        assert record.error is not None  # noqa: S101 - every other final state has one
+        raise record.error
+
+    def exception(self) -> BaseException | None:
+        """The error of a finished task (None if it succeeded or is not finished)."""
+        return self._record.error if self._record.state.is_final else None
+
+    async def cancel(self) -> bool:
+        """Cancel the task: a queued one never starts, a running one is interrupted.
+
+        Returns:
+            True if the task was waiting or running (it ends CANCELLED once the
+            handler stops), False if it had already finished.
+        """
+        previous = await self._app.broker.cancel(self.id)
+        return previous is not None and not previous.is_final
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.name} id={self.id} {self.state.value}>"
+
+
+@final
+class Task(Generic[R]):
+    """A registered task type, as returned by ``@app.task``; call `submit` to run it.
+
+    Calling the object itself calls the handler directly, which is handy in tests.
+    """
+
+    __slots__ = ("__dict__", "__wrapped__", "_app", "definition")
+
+    def __init__(self, app: TaskProcessor, definition: TaskDefinition) -> None:
+        self._app = app
+        self.definition = definition
+        functools.update_wrapper(self, definition.fn)
+
+    @property
+    def name(self) -> str:
+        """The registered name."""
+        return self.definition.name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the handler directly, in this task, with no queue in between."""
+        return self.definition.fn(*args, **kwargs)
+
+    async def submit(
+        self,
+        *args: Any,
+        priority: object = None,
+        delay: float | None = None,
+        eta: datetime.datetime | float | None = None,
+        key: str | None = None,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        block: bool = True,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
+        **kwargs: Any,
+    ) -> JobHandle[R]:
+        """Queue one run of the task with these arguments.
+
+        Args:
+            *args: Positional arguments for the handler (plain data).
+            priority: Overrides the task's priority (0-100, or a `Priority`).
+            delay: Seconds to wait before the task becomes ready.
+            eta: When it becomes ready: an aware `datetime` or a POSIX timestamp.
+            key: The concurrency key (overrides the task's key function).
+            ttl: Seconds it may wait in the queue before it expires unstarted.
+            timeout: Run timeout per attempt in seconds (overrides the task's).
+            block: When the queue is full, wait for room (True) or raise `QueueFull`.
+            unique_key: An idempotency key (Redis broker): while a task submitted with
+                the same key less than ``unique_for`` seconds ago is known, this submit
+                queues nothing and returns a handle to that task.
+            unique_for: Seconds the unique key holds (default: the broker's, an hour).
+            **kwargs: Keyword arguments for the handler. To pass one named like an
+                option above, use `apply`.
+
+        Returns:
+            A `JobHandle` for the queued task.
+
+        Raises:
+            ConfigurationError: ``unique_key`` with a broker that keeps no unique keys.
+        """
+        return await self._app.submit_record(
+            self._app.build_record(
+                self.definition,
+                args,
+                kwargs,
+                priority=priority,
+                delay=delay,
+                eta=eta,
+                key=key,
+                ttl=ttl,
+                timeout=timeout,
+            ),
+            block=block,
+            unique_key=unique_key,
+            unique_for=unique_for,
+        )
+
+    async def submit_many(
+        self,
+        calls: Iterable[tuple[Any, ...] | Mapping[str, Any]],
+        *,
+        block: bool = True,
+        **options: Any,
+    ) -> list[JobHandle[R]]:
+        """Queue one run per item of ``calls`` in one bulk submit (pipelined over Redis).
+
+        Args:
+            calls: The arguments of each run: a tuple of positional arguments, or a
+                mapping of keyword arguments.
+            block: When the queue is full, wait for room (True) or raise `QueueFull`.
+            **options: Options for every run, as for `submit` (``priority``,
+                ``delay``, ``eta``, ``key``, ``ttl``, ``timeout``).
+
+        Returns:
+            The handles, in the order of ``calls``.
+
+        Raises:
+            PayloadError: Some arguments cannot cross the broker; none is queued.
+        """
+        unknown = set(options) - (SUBMIT_OPTIONS - {"block"})
+        if unknown:
+            raise ConfigurationError(
+                "options",
+                sorted(unknown),
+                f"options for every run among {sorted(SUBMIT_OPTIONS - {'block'})}",
+            )
+        records = []
+        for call in calls:
+            if isinstance(call, tuple):
+                args, kwargs = call, {}
+            elif isinstance(call, Mapping):
+                args, kwargs = (), dict(call)
+            else:
+                raise ConfigurationError(
+                    "calls", call, "items that are tuples (positional) or mappings (keyword)"
+                )
+            records.append(self._app.build_record(self.definition, args, kwargs, **options))
+        return await self._app.submit_records(records, block=block)
+
+    async def apply(
+        self,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> JobHandle[R]:
+        """Submit with arguments given as a tuple and a dict; ``options`` as for `submit`."""
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ConfigurationError(
+                "options", sorted(unknown), f"submit options among {sorted(_OPTIONS)}"
+            )
+        block = options.pop("block", True)
+        unique = {k: options.pop(k) for k in _UNIQUE_OPTIONS & options.keys()}
+        record = self._app.build_record(self.definition, tuple(args), dict(kwargs or {}), **options)
+        return await self._app.submit_record(record, block=block, **unique)
+
+    def submit_threadsafe(
+        self, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[JobHandle[R]]:
+        """`submit` from a thread other than the event loop's; returns a concurrent future."""
+        return self._app.call_threadsafe(self.submit(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+
+class _TaskDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[..., Awaitable[R_co]], /) -> Task[R_co]: ...
+    @overload
+    def __call__(self, fn: Callable[..., R_co], /) -> Task[R_co]: ...
