@@ -29,6 +29,7 @@ CANCELLED: Final = "cancelled"
 TIMED_OUT: Final = "timed out"
 SHUT_DOWN: Final = "shut down"
 _CANCELLED, _TIMED_OUT, _SHUT_DOWN = CANCELLED, TIMED_OUT, SHUT_DOWN
+_NO_HOOKS: Final = Hooks()
 
 
 def attempt_state(reason: str | None, error: BaseException | None) -> TaskState:
@@ -218,15 +219,9 @@ class Settler:
         """Record the cancellation of a task that was parked (reserved, never started)."""
         self._counts["cancelled"] += 1
         error = TaskCancelled(task_id=record.id, task_name=record.name)
+        definition = self._registry.get(record.name)
+        hooks = definition.hooks if definition is not None else _NO_HOOKS
         try:
-            await self._broker.ack(record, TaskState.CANCELLED, error=error)
+            await self.ack(hooks, record, TaskState.CANCELLED, error=error)
         except Exception:
             logger.exception("could not record the cancellation of parked task %s", record.id)
-        else:
-            definition = self._registry.get(record.name)
-            if definition is not None:
-                for hook in definition.hooks.on_settled:
-                    try:
-                        hook(record)
-                    except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                        hook_failed(hook)
