@@ -1,0 +1,1 @@
+"""Runnable examples of taskprocessor (a package so that workers can import them)."""
