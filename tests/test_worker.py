@@ -168,14 +168,17 @@ def test_worker_refuses_a_broker_of_this_process_only(capsys: pytest.CaptureFixt
     assert "TASKPROCESSOR_BROKER_URL" in err
 
 
-def test_queues_without_a_url_cannot_recover_a_masked_password() -> None:
-    """--queues alone reopens the app's broker by URL: refused if its password is hidden."""
+def test_queues_without_a_url_keep_the_apps_password() -> None:
+    """--queues alone makes the app's broker's twin on them, password kept, never shown.
+
+    (test_cli connects such a twin to a server that requires the password.)
+    """
     app = TaskProcessor(broker="redis://:hunter2@127.0.0.1:6379/0")
-    with pytest.raises(ConfigurationError) as info:
-        use_shared_broker(app, None, ("emails",))
-    assert info.value.setting == "queues"
-    assert "hunter2" not in str(info.value)
-    assert "--broker" in str(info.value)
+    use_shared_broker(app, None, ("emails",))
+    assert isinstance(app.broker, RedisBroker)
+    assert app.broker.queues == ("emails",)
+    assert app.broker.url == "redis://:****@127.0.0.1:6379/0"
+    assert "hunter2" not in repr(app.broker)
 
 
 def test_queues_without_a_url_reopen_the_apps_broker_on_them() -> None:
@@ -197,6 +200,22 @@ def test_broker_url_and_queues_replace_the_apps_broker() -> None:
     assert isinstance(app.broker, RedisBroker)
     assert app.broker.url == "redis://:****@127.0.0.1:6379/0"
     assert "queues=new " in repr(app.broker)
+
+
+def test_without_queues_a_worker_also_consumes_every_queue_its_tasks_declare() -> None:
+    """No task type of the app is left unserved because its queue was not named."""
+    app = TaskProcessor()
+
+    @app.task(name="mail", queue="emails")
+    def mail() -> None: ...
+
+    @app.task(name="thumb", queue="images")
+    def thumb() -> None: ...
+
+    use_shared_broker(app, "redis://:hunter2@127.0.0.1:6379/0?queues=default")
+    assert isinstance(app.broker, RedisBroker)
+    assert app.broker.queues == ("default", "emails", "images")
+    assert app.broker.url == "redis://:****@127.0.0.1:6379/0"
 
 
 def test_worker_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
@@ -265,7 +284,7 @@ def test_unreachable_redis_is_one_line_with_the_password_masked_exit_1(
 ) -> None:
     """No Redis at the URL: one line naming it, password masked, exit 1, no traceback."""
     require_redis()  # the port below is closed on any host; this keeps CI's rule simple
-    url = "redis://:hunter2@127.0.0.1:1/0"
+    url = "redis://:hunter2@127.0.0.1:1/0?unavailable_timeout=0"  # fail at once, not in 10 s
     status, out, err = run_cli([command, "workerapp:app", "--broker", url], capsys)
     assert status == 1
     assert out == ""
@@ -362,7 +381,8 @@ def test_submit_then_inspect_show_queue_running_and_dead_letters(
     assert dead["task"] == "record"
     status, out, _ = run_cli(["inspect", "workerapp:app", *base], capsys)
     assert status == 0
-    assert "queued        1  by priority 20: 1" in out
+    # QUEUE, QUEUED, SCHEDULED, RUNNING, DEAD, QUEUED BY PRIORITY
+    assert re.search(rf"^{queue} +1 +0 +1 +1  20: 1$", out, re.MULTILINE), out
     assert "boom" in out
 
 

@@ -1,8 +1,11 @@
-"""The command line: ``taskprocessor worker | submit | inspect | demo``.
+"""The command line: ``taskprocessor worker | submit | inspect | dead-letters | cancel | demo``.
 
 Every error a user can fix is one line on stderr and a status: 2 for a bad command
-line (an argument, the app path, a broker the command cannot use), 1 when the broker
-cannot be reached. Tracebacks are for bugs.
+line (an argument, a setting, the app path, a broker the command cannot use), 1 when
+the broker cannot be reached or the task named does not exist. Tracebacks are for bugs.
+
+Settings come from options, ``TASKPROCESSOR_*`` environment variables and a TOML file,
+in that order of precedence (see `taskprocessor.config`).
 """
 
 from __future__ import annotations
@@ -11,69 +14,114 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Final,
-    NoReturn,
-    Protocol,
-    TextIO,
-    TypeVar,
-    runtime_checkable,
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO
+
+from taskprocessor._cli_admin import (
+    NO_APP,
+    Usage,
+    cancel_command,
+    dead_letters_command,
+    inspect_command,
+    run_on,
+    unavailable,
 )
 
 if TYPE_CHECKING:
     from taskprocessor.app import TaskProcessor
-    from taskprocessor.brokers.base import BrokerStatistics
+    from taskprocessor.config import Settings
     from taskprocessor.engine.autoscaler import Autoscale
 
 __all__ = ["main"]
 
-T = TypeVar("T")
-
 _BROKER_URL_ENV: Final = "TASKPROCESSOR_BROKER_URL"  # worker.BROKER_URL_ENV, kept lazy
-_DEAD_LETTERS_SHOWN: Final = 10
 
-_WORKER_EXAMPLES = f"""\
-examples:
+# config.PRECEDENCE, kept lazy (a test checks they agree), with the variables' names.
+_CONFIGURATION = """configuration, highest precedence first:
+  1. command-line options
+  2. environment variables TASKPROCESSOR_<SETTING>: TASKPROCESSOR_APP,
+     TASKPROCESSOR_BROKER_URL, TASKPROCESSOR_QUEUES, TASKPROCESSOR_CONCURRENCY,
+     TASKPROCESSOR_AUTOSCALE, TASKPROCESSOR_GRACE, TASKPROCESSOR_METRICS_PORT,
+     TASKPROCESSOR_METRICS_ADDR, TASKPROCESSOR_LOG_LEVEL
+  3. the TOML file named by --config FILE or TASKPROCESSOR_CONFIG, else the
+     [tool.taskprocessor] table of ./pyproject.toml (keys: app, broker_url, queues,
+     concurrency, autoscale, grace, metrics_port, metrics_addr, log_level; an
+     unknown key is an error)
+  4. defaults
+"""
+
+_WORKER_EXAMPLES = f"""examples:
   taskprocessor worker myproject.tasks:app
   taskprocessor worker myproject.tasks:app --concurrency 128 --queues default,emails
   taskprocessor worker myproject.tasks:app --autoscale 4:128 --metrics-port 9100
   {_BROKER_URL_ENV}=redis://:secret@cache:6379/0 taskprocessor worker myproject.tasks:app
+  taskprocessor worker --config deploy/worker.toml
 
 Start as many worker processes as you like, on one host or many: they share the
 queues. SIGTERM or Ctrl-C stops one gracefully (exit 0); a second signal exits at once
 (exit 1) and the tasks it held return to the queue when their leases expire.
-"""
 
-_SUBMIT_EXAMPLES = """\
-examples:
-  taskprocessor submit myproject.tasks:app myproject.tasks.send_email --args '["ann@example.com"]'
-  taskprocessor submit myproject.tasks:app resize --kwargs '{"width": 640}' --priority 80
+{_CONFIGURATION}"""
+
+_SUBMIT_EXAMPLES = f"""examples:
+  taskprocessor submit myproject.tasks:app send_email --args '["ann@example.com"]'
+  taskprocessor submit myproject.tasks:app resize --kwargs '{{"width": 640}}' --priority 80
   taskprocessor submit myproject.tasks:app resize --queue bulk --delay 60
-"""
+  taskprocessor submit resize --args '["img-1"]'   # with app set in pyproject.toml
 
-_INSPECT_EXAMPLES = """\
-examples:
+{_CONFIGURATION}"""
+
+_INSPECT_EXAMPLES = f"""examples:
   taskprocessor inspect myproject.tasks:app
   taskprocessor inspect myproject.tasks:app --queues emails --json
-"""
+  taskprocessor inspect --broker redis://cache:6379/0 --queues default,emails
+
+Without --queues, the queues are the broker's and those the app's tasks declare.
+A running task's lease is renewed by its worker every third of the lease: one that
+expired belongs to a lost worker, and lease recovery gives it to another.
+
+{_CONFIGURATION}"""
+
+_DEAD_LETTERS_EXAMPLES = f"""examples:
+  taskprocessor dead-letters list myproject.tasks:app
+  taskprocessor dead-letters list myproject.tasks:app --json
+  taskprocessor dead-letters requeue myproject.tasks:app 3f2a9c0e5b7d4e1f
+  taskprocessor dead-letters requeue myproject.tasks:app --all
+  taskprocessor dead-letters purge --broker redis://cache:6379/0 --queues emails
+
+A requeued task runs again with its attempts counted from zero. Purging deletes the
+dead letters at once and prints how many there were.
+
+{_CONFIGURATION}"""
+
+_CANCEL_EXAMPLES = f"""examples:
+  taskprocessor cancel myproject.tasks:app 3f2a9c0e5b7d4e1f
+  taskprocessor cancel --broker redis://cache:6379/0 --queues emails 3f2a9c0e5b7d4e1f
+
+A queued or scheduled task ends CANCELLED at once; the worker running a running one
+is told to interrupt it. Exit 1 if no queue searched knows the id (finished tasks are
+forgotten after the broker's result_ttl).
+
+{_CONFIGURATION}"""
+
+_MAIN_EPILOG = f"""examples:
+  taskprocessor worker myproject.tasks:app --concurrency 64
+  taskprocessor submit myproject.tasks:app resize --args '["img-1"]'
+  taskprocessor inspect myproject.tasks:app --json
+  taskprocessor COMMAND --help
+
+Exit status: 0 on success, 1 when the broker cannot be reached or the task or dead
+letter named does not exist, 2 for a bad command line or setting.
+
+{_CONFIGURATION}"""
 
 
-@runtime_checkable
-class _Refreshable(Protocol):
-    """A broker whose `statistics` are a snapshot refreshed from a server (Redis's)."""
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (and status 2)."""
 
-    async def refresh_statistics(self) -> BrokerStatistics: ...
-
-
-class _Usage(Exception):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
+    def error(self, message: str) -> NoReturn:
+        _fail(self.prog, f"{message} (see '{self.prog} --help')", 2)
 
 
 # -- argument types (argparse turns their ValueErrors into "invalid ... value") -------
@@ -153,9 +201,11 @@ def _json(kind: type[Any]) -> Callable[[str], Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="taskprocessor",
         description="Run, feed and watch taskprocessor workers.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--log-level",
@@ -163,18 +213,26 @@ def _parser() -> argparse.ArgumentParser:
         help="log records at this level and above go to stderr (default: info for "
         "worker, error otherwise)",
     )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file of settings (default: $TASKPROCESSOR_CONFIG, else the "
+        "[tool.taskprocessor] table of ./pyproject.toml)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "app",
+        nargs="?",
         metavar="MODULE:ATTRIBUTE",
-        help="the TaskProcessor, e.g. myproject.tasks:app (the current directory is searched)",
+        help="the TaskProcessor, e.g. myproject.tasks:app (the current directory is "
+        "searched; default: $TASKPROCESSOR_APP, else app in the config file)",
     )
     common.add_argument(
         "--broker",
         metavar="URL",
-        default=os.environ.get(_BROKER_URL_ENV) or None,
-        help=f"broker URL replacing the app's (default: ${_BROKER_URL_ENV}, else the app's)",
+        help=f"broker URL replacing the app's (default: ${_BROKER_URL_ENV}, else "
+        "broker_url in the config file, else the app's)",
     )
     common.add_argument(
         "--log-level",
@@ -182,16 +240,38 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,  # keep one given before the command
         help="log records at this level and above go to stderr",
     )
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,  # keep one given before the command
+        help="a TOML file of settings (default: $TASKPROCESSOR_CONFIG, else "
+        "./pyproject.toml's [tool.taskprocessor])",
+    )
+    queues = argparse.ArgumentParser(add_help=False)
+    queues.add_argument(
+        "--queues",
+        type=_queues,
+        metavar="Q1,Q2",
+        help="queues to look at (default: the broker's and those the app's tasks declare)",
+    )
 
-    def command(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
+    def command(
+        name: str,
+        help_text: str,
+        examples: str,
+        *,
+        parents: Sequence[argparse.ArgumentParser] = (common,),
+        under: Any = sub,
+    ) -> argparse.ArgumentParser:
+        created: argparse.ArgumentParser = under.add_parser(
             name,
-            parents=[common],
+            parents=list(parents),
             help=help_text,
             description=help_text[0].upper() + help_text[1:] + ".",
             epilog=examples,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        return created
 
     worker = command("worker", "run an app's workers until SIGTERM or SIGINT", _WORKER_EXAMPLES)
     worker.add_argument(
@@ -215,7 +295,6 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--grace",
         type=_seconds,
-        default=30.0,
         metavar="SECONDS",
         help="after a stop signal, how long running tasks may finish (default: 30)",
     )
@@ -227,7 +306,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--metrics-addr",
-        default="127.0.0.1",
         metavar="ADDR",
         help="address of the metrics endpoint (default: 127.0.0.1; 0.0.0.0 for all)",
     )
@@ -252,15 +330,93 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     inspect = command(
-        "inspect", "show queue depths, running tasks and dead letters", _INSPECT_EXAMPLES
-    )
-    inspect.add_argument(
-        "--queues", type=_queues, metavar="Q1,Q2", help="queues to count (default: the broker's)"
+        "inspect",
+        "show queue depths by priority, running tasks and dead letters",
+        _INSPECT_EXAMPLES,
+        parents=(common, queues),
     )
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
-    demo = sub.add_parser("demo", help="run an in-process showcase of the features")
-    demo.add_argument("--tasks", type=int, default=400, help="tasks in the mixed workload")
+    dead = sub.add_parser(
+        "dead-letters",
+        help="list, requeue or purge dead letters",
+        description="List, requeue or purge the dead letters of the queues.",
+        epilog=_DEAD_LETTERS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = command(
+        "list",
+        "list the dead letters, oldest first",
+        _DEAD_LETTERS_EXAMPLES,
+        parents=(common, queues),
+        under=actions,
+    )
+    listing.add_argument("--json", action="store_true", help="print one JSON array")
+    requeue = command(
+        "requeue",
+        "queue a dead letter again (or all of them) with fresh attempts",
+        _DEAD_LETTERS_EXAMPLES,
+        parents=(common, queues),
+        under=actions,
+    )
+    requeue.add_argument("id", nargs="?", metavar="ID", help="the dead letter's task id")
+    requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
+    command(
+        "purge",
+        "delete the dead letters and print how many there were",
+        _DEAD_LETTERS_EXAMPLES,
+        parents=(common, queues),
+        under=actions,
+    )
+
+    cancel = command(
+        "cancel",
+        "cancel a task by id and print the state it was in",
+        _CANCEL_EXAMPLES,
+        parents=(common, queues),
+    )
+    cancel.add_argument("id", metavar="ID", help="the task id that submit printed")
+
+    demo = sub.add_parser(
+        "demo",
+        help="watch every feature at work on a realistic workload (about 15 s)",
+        description="Run a mixed workload that shows every feature at work: priorities, a\n"
+        "circuit breaker that trips and recovers, static and adaptive rate limits, timeouts,\n"
+        "cancellations, retries, dead letters and autoscaling; then print a summary. On a\n"
+        "terminal a live view redraws in place; elsewhere it prints plain lines.",
+        epilog="examples:\n  taskprocessor demo\n  taskprocessor demo --fast --plain\n"
+        "  taskprocessor demo --redis redis://127.0.0.1:6379/0 --metrics-port 9100\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--fast", action="store_true", help="compress the timeline to a quarter (about 4 s)"
+    )
+    demo.add_argument(
+        "--tasks",
+        type=_positive_int,
+        metavar="N",
+        help="exactly N tasks, on a timeline shortened to fit (default: the full workload)",
+    )
+    demo.add_argument(
+        "--plain",
+        action="store_true",
+        help="print progress lines, not the live view (the default when not on a terminal)",
+    )
+    demo.add_argument(
+        "--redis",
+        metavar="URL",
+        help="run over Redis: this process submits and watches, 2 worker processes run the "
+        "tasks on a queue of the demo's own, deleted at the end",
+    )
+    demo.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics while the demo runs "
+        "(0: a free port)",
+    )
+    demo.add_argument("--seed", type=int, default=7, help="seed of the workload (default: 7)")
     demo.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -272,9 +428,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status."""
+    from taskprocessor.config import Settings  # noqa: PLC0415 - keep --help fast
+
     parser = _parser()
-    args = parser.parse_args(argv)
-    level = args.log_level or ("info" if args.command == "worker" else "error")
+    args, extra = parser.parse_known_args(argv)
+    label = f"{parser.prog} {args.command}"
+    if args.command == "dead-letters":
+        label = f"{label} {args.action}"
+    _place_positionals(label, args, extra)
+    settings = (
+        Settings(log_level=args.log_level) if args.command == "demo" else _settings(label, args)
+    )
+    level = settings.log_level or ("info" if args.command == "worker" else "error")
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
@@ -284,83 +449,171 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "demo":
         from taskprocessor.demo import run_demo  # noqa: PLC0415 - keep --help fast
+        from taskprocessor.errors import BrokerUnavailable  # noqa: PLC0415
 
-        return asyncio.run(run_demo(tasks=args.tasks, out=sys.stdout))
+        demo = run_demo(
+            out=sys.stdout,
+            tasks=args.tasks,
+            fast=args.fast,
+            plain=True if args.plain else None,
+            redis=args.redis,
+            metrics_port=args.metrics_port,
+            seed=args.seed,
+            log_level=level,
+        )
+        try:
+            return asyncio.run(demo)
+        except (BrokerUnavailable, ImportError, OSError) as exc:
+            # No Redis there, the redis extra missing, the metrics port taken, a worker
+            # process that would not start: one line, status 1.
+            print(f"{label}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
     try:
-        return _COMMANDS[args.command](args, sys.stdout)
-    except _Usage as exc:
-        _fail(parser.prog, args.command, str(exc), exc.status)
+        return _COMMANDS[args.command](args, settings, sys.stdout)
+    except Usage as exc:
+        _fail(label, str(exc), exc.status)
     except KeyboardInterrupt:  # before the worker's own signal handling is in place
         return 130
 
 
-def _fail(prog: str, command: str, message: str, status: int) -> NoReturn:
-    print(f"{prog} {command}: error: {' '.join(message.split())}", file=sys.stderr)
+def _fail(label: str, message: str, status: int) -> NoReturn:
+    print(f"{label}: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(status)
 
 
-def _load(args: argparse.Namespace) -> TaskProcessor:
+# Options that set a setting: attribute of the parsed arguments -> (setting, origin).
+_OPTION_SETTINGS: Final = {
+    "app": ("app", "the MODULE:ATTRIBUTE argument"),
+    "broker": ("broker_url", "--broker"),
+    "queues": ("queues", "--queues"),
+    "concurrency": ("concurrency", "--concurrency"),
+    "autoscale": ("autoscale", "--autoscale"),
+    "grace": ("grace", "--grace"),
+    "metrics_port": ("metrics_port", "--metrics-port"),
+    "metrics_addr": ("metrics_addr", "--metrics-addr"),
+    "log_level": ("log_level", "--log-level"),
+}
+
+
+def _settings(label: str, args: argparse.Namespace) -> Settings:
+    """Merge the options with the environment and the config file (see taskprocessor.config)."""
+    from taskprocessor.config import load_settings  # noqa: PLC0415 - keep --help fast
+    from taskprocessor.errors import ConfigurationError  # noqa: PLC0415
+
+    overrides: dict[str, object] = {}
+    origins: dict[str, str] = {}
+    for attribute, (name, origin) in _OPTION_SETTINGS.items():
+        value = getattr(args, attribute, None)
+        if value is not None:
+            overrides[name], origins[name] = value, origin
+    try:
+        settings = load_settings(overrides, origins=origins, config_file=args.config)
+    except ConfigurationError as exc:
+        _fail(label, str(exc), 2)
+    for warning in settings.warnings:
+        print(f"{label}: warning: {warning}", file=sys.stderr)
+    return settings
+
+
+# The positional arguments of each command, in order; the app (first) may be left out.
+_POSITIONALS: Final = {
+    "worker": ("app",),
+    "submit": ("app", "task"),
+    "inspect": ("app",),
+    "cancel": ("app", "id"),
+    "list": ("app",),
+    "requeue": ("app", "id"),
+    "purge": ("app",),
+}
+
+
+def _place_positionals(label: str, args: argparse.Namespace, extra: list[str]) -> None:
+    """Give each positional argument its place, the app being optional.
+
+    argparse fills positionals from the first run of them it meets, so with the app left
+    optional ``cancel APP --broker URL ID`` would take APP for the id and leave ID
+    over. Here the positionals it placed, then those it left over, are read in the order
+    given: all of them means the app comes first, one fewer means no app.
+    """
+    slots = _POSITIONALS.get(args.action if args.command == "dead-letters" else args.command, ())
+    options = [arg for arg in extra if arg.startswith("-") and arg != "-"]
+    given = [getattr(args, slot) for slot in slots if getattr(args, slot) is not None]
+    given += [arg for arg in extra if arg not in options]
+    if options or len(given) > len(slots):
+        unknown = options or given[len(slots) :]
+        _fail(label, f"unrecognized arguments: {' '.join(unknown)} (see '{label} --help')", 2)
+    if slots:
+        placed = given if len(given) == len(slots) else [None, *given]
+        for slot, value in zip(slots, placed, strict=False):
+            setattr(args, slot, value)
+    if args.command == "dead-letters" and args.action == "requeue":
+        if args.all and args.app is None:  # requeue APP --all: the one positional is the app
+            args.app, args.id = args.id, None
+        if args.all == (args.id is not None):
+            _fail(label, f"give one dead letter's ID or --all (see '{label} --help')", 2)
+
+
+def _load(settings: Settings, queues: Sequence[str] | None) -> TaskProcessor:
+    """The app named by the settings, on the shared broker (and ``queues``)."""
     from taskprocessor.errors import ConfigurationError  # noqa: PLC0415 - keep --help fast
     from taskprocessor.worker import load_app, use_shared_broker  # noqa: PLC0415
 
+    if settings.app is None:
+        raise Usage(NO_APP, 2)
     try:
-        app = load_app(args.app)
-        use_shared_broker(app, args.broker, getattr(args, "queues", None))
+        app = load_app(settings.app)
+        use_shared_broker(app, settings.broker_url, queues)
     except (ConfigurationError, ImportError) as exc:
-        raise _Usage(str(exc), 2) from None
+        raise Usage(str(exc), 2) from None
     return app
 
 
-def _unavailable(run: Callable[[], T]) -> T:
-    """Run a command; a broker that cannot be reached is a one-line error and status 1."""
-    from taskprocessor.errors import BrokerUnavailable  # noqa: PLC0415 - keep --help fast
-
-    try:
-        return run()
-    except BrokerUnavailable as exc:
-        raise _Usage(str(exc), 1) from None
+# -- the commands ------------------------------------------------------------------------
 
 
-def _worker(args: argparse.Namespace, out: TextIO) -> int:
+def _worker(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from taskprocessor.errors import ConfigurationError  # noqa: PLC0415 - keep --help fast
     from taskprocessor.worker import WorkerOptions, run_worker  # noqa: PLC0415
 
     try:
         options = WorkerOptions(
-            concurrency=args.concurrency,
-            autoscale=args.autoscale,
-            grace=args.grace,
-            metrics_port=args.metrics_port,
-            metrics_addr=args.metrics_addr,
+            concurrency=settings.concurrency,
+            autoscale=settings.autoscale,
+            grace=settings.grace,
+            metrics_port=settings.metrics_port,
+            metrics_addr=settings.metrics_addr,
         )
     except ConfigurationError as exc:
-        raise _Usage(str(exc), 2) from None
-    app = _load(args)
+        raise Usage(str(exc), 2) from None
+    app = _load(settings, settings.queues)
 
     def run() -> int:
         try:
             return run_worker(app, options)
         except OSError as exc:  # the metrics port is taken, or the address is wrong
-            if isinstance(exc, ConnectionError) or args.metrics_port is None:
+            if isinstance(exc, ConnectionError) or options.metrics_port is None:
                 raise
-            raise _Usage(
-                f"cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {exc}", 1
+            raise Usage(
+                f"cannot serve metrics on {options.metrics_addr}:{options.metrics_port}: {exc}",
+                1,
             ) from None
 
-    return _unavailable(run)
+    return unavailable(run)
 
 
-def _submit(args: argparse.Namespace, out: TextIO) -> int:
+def _submit(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from taskprocessor.errors import (  # noqa: PLC0415 - keep --help fast
         ConfigurationError,
         PayloadError,
         UnknownTask,
     )
 
-    app = _load(args)
+    app = _load(settings, None)
     definition = app.tasks.get(args.task)
     if definition is None:
-        raise _Usage(str(UnknownTask(args.task, tuple(app.tasks))), 2)
+        raise Usage(str(UnknownTask(args.task, tuple(app.tasks))), 2)
     options: dict[str, Any] = {}
     if args.priority is not None:
         options["priority"] = args.priority
@@ -370,82 +623,22 @@ def _submit(args: argparse.Namespace, out: TextIO) -> int:
         record = app.build_record(definition, tuple(args.args), args.kwargs, **options)
     except (ConfigurationError, PayloadError, TypeError) as exc:
         # TypeError: arguments the handler does not accept (named in the message).
-        raise _Usage(str(exc), 2) from None
+        raise Usage(str(exc), 2) from None
     if args.queue is not None:
         record.queue = args.queue
 
     async def submit() -> str:
-        try:
-            job = await app.submit_record(record)
-        except PayloadError as exc:  # too large for the broker
-            raise _Usage(str(exc), 2) from None
-        finally:
-            await app.broker.aclose()
+        job = await app.submit_record(record)  # a PayloadError (too large) is status 2
         return job.id
 
-    print(_unavailable(lambda: asyncio.run(submit())), file=out)
+    print(run_on(app.broker, submit), file=out)
     return 0
 
 
-def _inspect(args: argparse.Namespace, out: TextIO) -> int:
-    app = _load(args)
-
-    async def read() -> dict[str, Any]:
-        broker = app.broker
-        try:
-            if isinstance(broker, _Refreshable):
-                stats = await broker.refresh_statistics()
-            else:
-                stats = broker.statistics()
-            dead = await broker.dead_letters()
-        finally:
-            await broker.aclose()
-        return {
-            "broker": broker.url,
-            "queues": list(args.queues) if args.queues else None,
-            "queued": stats.queued,
-            "queued_by_priority": {str(p): n for p, n in stats.queued_by_priority.items()},
-            "scheduled": stats.scheduled,
-            "running": stats.running,
-            "dead_letters": stats.dead_letters,
-            "enqueued_total": stats.enqueued_total,
-            "finished_total": stats.finished_total,
-            "recent_dead_letters": [
-                {
-                    "id": r.id,
-                    "task": r.name,
-                    "queue": r.queue,
-                    "attempt": r.attempt,
-                    "reason": r.dead_letter_reason,
-                }
-                for r in dead[-_DEAD_LETTERS_SHOWN:]
-            ],
-        }
-
-    report = _unavailable(lambda: asyncio.run(read()))
-    if args.json:
-        print(json.dumps(report, indent=2), file=out)
-        return 0
-    by_priority = ", ".join(f"{p}: {n}" for p, n in report["queued_by_priority"].items())
-    queues = f" (queues {','.join(report['queues'])})" if report["queues"] else ""
-    lines = [
-        f"broker        {report['broker']}{queues}",
-        f"queued        {report['queued']}"
-        + (f"  by priority {by_priority}" if by_priority else ""),
-        f"scheduled     {report['scheduled']}",
-        f"running       {report['running']}",
-        f"dead letters  {report['dead_letters']}",
-        *(
-            f"  {d['id']}  {d['task']}  attempt {d['attempt']}: {d['reason']}"
-            for d in report["recent_dead_letters"]
-        ),
-    ]
-    print("\n".join(lines), file=out)
-    return 0
-
-
-_COMMANDS: Final[dict[str, Callable[[argparse.Namespace, TextIO], int]]] = {
+_COMMANDS: Final[dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]]] = {
     "worker": _worker,
     "submit": _submit,
-    "inspect": _inspect,
+    "inspect": inspect_command,
+    "dead-letters": dead_letters_command,
+    "cancel": cancel_command,
 }

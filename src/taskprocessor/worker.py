@@ -30,11 +30,11 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, final
+from typing import Final, Protocol, final, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from taskprocessor.app import TaskProcessor
-from taskprocessor.brokers import open_broker
+from taskprocessor.brokers import Broker, open_broker
 from taskprocessor.engine.autoscaler import Autoscale
 from taskprocessor.engine.pool import ShutdownReport
 from taskprocessor.errors import ConfigurationError
@@ -42,11 +42,14 @@ from taskprocessor.errors import ConfigurationError
 __all__ = [
     "BROKER_URL_ENV",
     "DEFAULT_CONCURRENCY",
+    "QueueSelectable",
     "WorkerOptions",
     "load_app",
+    "require_shared",
     "run_worker",
     "serve",
     "use_shared_broker",
+    "with_queues",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,8 +103,9 @@ class WorkerOptions:
                 f"the initial pool size within the autoscale bounds "
                 f"{autoscale.min_workers}:{autoscale.max_workers}",
             )
-        if not self.grace >= 0:
-            raise ConfigurationError("grace", self.grace, "seconds >= 0")
+        grace = self.grace
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+            raise ConfigurationError("grace", grace, "seconds >= 0")
 
     @property
     def workers(self) -> int:
@@ -158,30 +162,42 @@ def use_shared_broker(
         app: The processor, not yet run.
         url: A broker URL replacing the app's own broker (the worker's ``--broker``);
             None to keep the app's. Its password never appears in messages.
-        queues: The queues to consume, earlier ones first; None to keep the broker's.
-            Without ``url`` the app's broker is opened again from its URL for them,
-            which keeps the connection settings but not the broker's own (``lease``,
-            ``result_ttl``, ...): pass a full URL to set those.
+        queues: The queues to consume, earlier ones first; None for the broker's own
+            followed by every queue the app's tasks declare (``@app.task(queue=...)``),
+            so a worker never leaves one of its app's task types unserved. The app's
+            broker is replaced by its twin on these queues when they differ
+            (``RedisBroker.with_queues``: same connection, password and settings).
 
     Raises:
         ConfigurationError: The broker lives in this process only (``memory://``), so
-            no other process can reach its queues; or ``queues`` needs a URL whose
-            password the app's broker does not reveal.
+            no other process can reach its queues; or ``queues`` is given for a broker
+            that cannot change its queues.
     """
-    if url is None and queues is not None:
-        url = app.broker.url
-        if urlsplit(url).password == "****":  # noqa: S105 - the masked form, not a secret
-            raise ConfigurationError(
-                "queues",
-                ",".join(queues),
-                f"a broker URL with it: the app's broker {url} hides its password, so pass "
-                f"the URL with --broker or {BROKER_URL_ENV}",
-            )
     broker = app.broker
     if url is not None:
         if queues is not None:
             url = _with_query(url, "queues", ",".join(queues))
         broker = open_broker(url, clock=app.clock)
+    require_shared(broker)
+    if queues is not None:
+        if url is None:
+            broker = with_queues(broker, queues)
+    else:
+        own = tuple(getattr(broker, "queues", ()))
+        declared = [definition.queue for definition in app.tasks.values()]
+        wanted = tuple(dict.fromkeys([*own, *declared]))
+        if own and wanted != own:
+            broker = with_queues(broker, wanted)
+    if broker is not app.broker:
+        app.use_broker(broker)
+
+
+def require_shared(broker: Broker) -> None:
+    """Check that other processes can reach ``broker``'s queues.
+
+    Raises:
+        ConfigurationError: It lives in this process only (``memory://``).
+    """
     if not broker.durable:
         raise ConfigurationError(
             "broker",
@@ -189,8 +205,38 @@ def use_shared_broker(
             f"a broker that other processes share, such as redis://host:6379/0 (this one "
             f"lives in one process only); pass --broker or set {BROKER_URL_ENV}",
         )
-    if broker is not app.broker:
-        app.use_broker(broker)
+
+
+@runtime_checkable
+class QueueSelectable(Protocol):
+    """A broker that can make a twin of itself consuming other queues (`RedisBroker`)."""
+
+    def with_queues(self, queues: Sequence[str]) -> Broker:
+        """Return a new broker with the same settings, consuming ``queues``."""
+        ...
+
+
+def with_queues(broker: Broker, queues: Sequence[str]) -> Broker:
+    """Return ``broker``'s twin consuming ``queues`` (``broker`` itself if it already does).
+
+    Raises:
+        ConfigurationError: The broker cannot change its queues.
+    """
+    if not isinstance(broker, QueueSelectable):
+        raise ConfigurationError(
+            "queues",
+            ",".join(queues),
+            f"a broker that can change its queues; {type(broker).__name__} at {broker.url} "
+            "cannot, so pass a broker URL with them (--broker)",
+        )
+    if tuple(getattr(broker, "queues", ())) == tuple(queues):
+        return broker
+    return broker.with_queues(queues)
+
+
+def _queues_text(broker: Broker) -> str:
+    queues = getattr(broker, "queues", None)
+    return f" (queues {','.join(queues)})" if isinstance(queues, tuple) and queues else ""
 
 
 def _with_query(url: str, name: str, value: str) -> str:
@@ -225,9 +271,10 @@ async def serve(
     with _metrics(app, options) as metrics_url:
         async with app.run(workers=options.workers, autoscale=options.autoscale):
             logger.info(
-                "worker ready: pid %d, broker %s, %s%s",
+                "worker ready: pid %d, broker %s%s, %s%s",
                 os.getpid(),
                 app.broker.url,
+                _queues_text(app.broker),
                 _pool_size(options),
                 f", metrics at {metrics_url}" if metrics_url else "",
             )
@@ -298,13 +345,25 @@ def run_worker(
         BrokerUnavailable: The broker cannot be reached at start.
     """
 
-    async def main() -> int:
+    async def main() -> ShutdownReport:
         stop = asyncio.Event()
         with _stop_signals(asyncio.get_running_loop(), stop):
-            await serve(app, options, stop=stop, on_ready=on_ready)
-        return 0
+            return await serve(app, options, stop=stop, on_ready=on_ready)
 
-    return asyncio.run(main())
+    report = asyncio.run(main())
+    if report.threads_abandoned:
+        # The interpreter would join the pool's threads at exit, waiting for handlers
+        # that ignore cancellation; their tasks were handed back or settled already.
+        logger.warning(
+            "exiting with %d plain-function call(s) still running in threads (Python cannot "
+            "stop a thread); their tasks were already settled or handed back",
+            report.threads_abandoned,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
 
 
 @contextlib.contextmanager
