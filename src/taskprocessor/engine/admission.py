@@ -17,6 +17,7 @@ position, and ask again:
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 _INF = float("inf")
 
+_parked = itertools.count()  # tie-breaker of parked records, see Admission._park
+_MAX_PASSES = 10_000  # passes kept for tasks handed back through a durable broker
+
 
 @final
 class _Lane:
@@ -41,7 +45,7 @@ class _Lane:
     def __init__(self, stage: Middleware, key: Hashable) -> None:
         self.stage = stage
         self.key = key
-        self.records: list[tuple[float, int, TaskRecord]] = []
+        self.records: list[tuple[float, int, int, TaskRecord]] = []
         self.slots: list[float] = []  # booked times of reserved deferrals
         self.wake_at = _INF  # earliest time to hand back every record (non-reserved)
         self.timer: Timer | None = None
@@ -59,7 +63,15 @@ class Admission:
         on_defer: Observer hooks told of each deferral.
     """
 
-    __slots__ = ("_clock", "_event_lanes", "_hand_back", "_lanes", "_on_defer", "_where")
+    __slots__ = (
+        "_clock",
+        "_event_lanes",
+        "_hand_back",
+        "_lanes",
+        "_on_defer",
+        "_passes",
+        "_where",
+    )
 
     def __init__(
         self,
@@ -73,6 +85,9 @@ class Admission:
         self._lanes: dict[tuple[Middleware, Hashable], _Lane] = {}
         self._event_lanes: dict[Middleware, set[Hashable]] = {}
         self._where: dict[str, _Lane] = {}
+        # Task id -> the stage whose booked slot the task holds. A durable broker hands
+        # the task back as a new record, without its admission_pass: the id finds it.
+        self._passes: dict[str, Middleware] = {}
 
     def admit(
         self, chain: Sequence[Middleware], record: TaskRecord, definition: TaskDefinition
@@ -85,8 +100,9 @@ class Admission:
         """
         now = self._clock.now()
         for index, stage in enumerate(chain):
-            if record.admission_pass is stage:
+            if record.admission_pass is stage or self._passes.get(record.id) is stage:
                 record.admission_pass = None  # it holds a slot booked by this stage
+                self._passes.pop(record.id, None)
                 continue
             try:
                 verdict = stage.admit(record, definition, now)
@@ -140,7 +156,9 @@ class Admission:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane(stage, defer.lane)
-        heapq.heappush(lane.records, (record.sort_key, record.seq, record))
+        # The park count breaks ties: records read from Redis all carry sort_key 0.0 and
+        # seq 0, and a heap that reached the records themselves would raise TypeError.
+        heapq.heappush(lane.records, (record.sort_key, record.seq, next(_parked), record))
         self._where[record.id] = lane
         if defer.until is None:
             self._event_lanes.setdefault(stage, set()).add(defer.lane)
@@ -176,6 +194,9 @@ class Admission:
             heapq.heappop(lane.slots)
             record = self._pop_best(lane)
             record.admission_pass = lane.stage
+            self._passes[record.id] = lane.stage
+            if len(self._passes) > _MAX_PASSES:  # passes of tasks another process took
+                del self._passes[next(iter(self._passes))]
             woken.append(record)
         self._tidy(lane)
         if lane.records:
@@ -184,7 +205,7 @@ class Admission:
             self._hand_back(woken)
 
     def _pop_best(self, lane: _Lane) -> TaskRecord:
-        record = heapq.heappop(lane.records)[2]
+        record = heapq.heappop(lane.records)[3]
         del self._where[record.id]
         return record
 
@@ -206,7 +227,7 @@ class Admission:
         if lane is None:
             return None
         for index, entry in enumerate(lane.records):
-            if entry[2].id == task_id:
+            if entry[3].id == task_id:
                 lane.records[index] = lane.records[-1]
                 lane.records.pop()
                 heapq.heapify(lane.records)
@@ -214,18 +235,19 @@ class Admission:
                     lane.slots.remove(max(lane.slots))  # its booked slot goes unused
                     heapq.heapify(lane.slots)
                 self._tidy(lane)
-                return entry[2]
+                return entry[3]
         return None  # pragma: no cover - _where and the lanes agree
 
     def take_all(self) -> list[TaskRecord]:
         """Remove and return every parked task, stopping all timers (for shutdown)."""
-        records = [entry[2] for lane in self._lanes.values() for entry in lane.records]
+        records = [entry[3] for lane in self._lanes.values() for entry in lane.records]
         for lane in self._lanes.values():
             if lane.timer is not None:
                 lane.timer.cancel()
         self._lanes.clear()
         self._event_lanes.clear()
         self._where.clear()
+        self._passes.clear()
         return records
 
     @property
