@@ -280,7 +280,11 @@ def test_second_signal_exits_at_once_with_status_1(
 @pytest.mark.parametrize(
     ("argv", "status", "says"),
     [
-        (["workerapp:app", "--broker", "redis://:hunter2@127.0.0.1:1/0"], 1, ":****@127.0.0.1:1"),
+        (
+            ["workerapp:app", "--broker", "redis://:hunter2@127.0.0.1:1/0?unavailable_timeout=0"],
+            1,
+            ":****@127.0.0.1:1",
+        ),
         (["workerapp:missing"], 2, "has no attribute 'missing'"),
         (["workerapp:app", "--concurrency", "-3"], 2, "--concurrency"),
     ],

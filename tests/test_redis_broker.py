@@ -327,7 +327,7 @@ def test_results_must_be_plain_json() -> None:
 
 async def test_unreachable_server_raises_broker_unavailable_with_the_masked_url() -> None:
     """start() against a port nobody listens on raises BrokerUnavailable, password masked."""
-    broker = RedisBroker("redis://:secret@127.0.0.1:1/0")
+    broker = RedisBroker("redis://:secret@127.0.0.1:1/0", unavailable_timeout=0)
     with pytest.raises(BrokerUnavailable) as info:
         await broker.start()
     assert "redis://:****@127.0.0.1:1/0" in str(info.value)
@@ -340,7 +340,7 @@ async def test_rediss_url_speaks_tls() -> None:
     url = require_redis().replace("redis://", "rediss://:pw@", 1) + "?ssl_cert_reqs=none"
     no_retry = Retry(NoBackoff(), 0)
     options = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5, "retry": no_retry}
-    broker = RedisBroker(url, connection_options=options)
+    broker = RedisBroker(url, connection_options=options, unavailable_timeout=0)
     with pytest.raises(BrokerUnavailable) as info:
         await broker.start()
     assert "rediss://:****@" in str(info.value)
@@ -396,7 +396,10 @@ async def test_idle_worker_blocks_and_a_submit_elsewhere_starts_it_at_once() -> 
 
         def blocked() -> bool:
             with sync_client() as client:
-                return any(c["cmd"] == "blpop" for c in client.client_list())
+                return any(
+                    c["cmd"] == "blpop" and c["name"] == worker._worker  # ours: idle, registered
+                    for c in client.client_list()
+                )
 
         await eventually(blocked, "the claimer blocks on the wake list")
         claims = worker.claims
@@ -406,7 +409,8 @@ async def test_idle_worker_blocks_and_a_submit_elsewhere_starts_it_at_once() -> 
         got = await asyncio.wait_for(waiting, BOUND)
         latency = time.perf_counter() - started
         assert got.id == record.id
-        assert worker.claims == claims + 1  # one claim, woken by the marker: no polling
+        # Handed off to the idle worker by the submit: not even one claim (no polling).
+        assert (worker.claims, worker.handoffs) == (claims, 1)
         assert latency < 0.5, latency  # typically about a millisecond
         await worker.ack(got, TaskState.SUCCEEDED)
         assert await finished(record) is TaskState.SUCCEEDED
@@ -941,8 +945,15 @@ class FakeQueue:
         self.released.append(record.id)
         self.ready.insert(0, record)
 
-    async def block(self) -> bytes | None:
-        return await self.marker.get()
+    async def block(self, slots: int) -> Any:
+        from taskprocessor.brokers._redis_claim import Wake
+
+        marker = await self.marker.get()
+        return Wake([], marker, claim=True, slots=0)
+
+    async def shrink(self, cap: int) -> None:
+        if cap == 0:
+            await self.marker.put(None)  # stopping ends the pending wait, as Redis does
 
     async def pass_on(self, key: bytes) -> None:
         self.passed_on.append(key)
@@ -955,6 +966,7 @@ def claimer_for(queue: FakeQueue) -> Any:
         claim=queue.claim,
         release=queue.release,
         block=queue.block,
+        shrink=queue.shrink,
         pass_on=queue.pass_on,
         clock=FakeClock(),
     )
@@ -1018,9 +1030,9 @@ async def test_a_wake_marker_nobody_here_wants_is_passed_on() -> None:
         await eventually(lambda: queue.claims == [1], "the first claim")
         await settle()
         waiting.cancel()
+        queue.marker.put_nowait(b"{tp:q}:wake")  # taken by the pending wait as it leaves
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        await queue.marker.put(b"{tp:q}:wake")
         await eventually(lambda: queue.passed_on == [b"{tp:q}:wake"], "the marker is passed on")
         assert queue.claims == [1]  # no claim for nobody
     finally:
@@ -1035,7 +1047,8 @@ async def test_claims_back_off_while_redis_is_down(caplog: pytest.LogCaptureFixt
     queue.ready.append(record)
     claimer = claimer_for(queue)
     try:
-        with caplog.at_level(logging.WARNING, logger="taskprocessor.brokers.redis"):
+        # DEBUG: an unreachable server is a WARNING once per outage (Outage), not per try.
+        with caplog.at_level(logging.DEBUG, logger="taskprocessor.brokers.redis"):
             assert (await asyncio.wait_for(claimer.reserve(), BOUND)) is record
         assert queue.claims == [1, 1, 1]
         assert sum("could not reserve tasks" in r.getMessage() for r in caplog.records) == 2
@@ -1045,22 +1058,27 @@ async def test_claims_back_off_while_redis_is_down(caplog: pytest.LogCaptureFixt
         await claimer.reserve()
 
 
-async def test_failed_ack_keeps_the_lease_so_it_can_be_retried() -> None:
-    """An ack that cannot reach Redis raises BrokerUnavailable and may simply be tried again."""
+async def test_failed_ack_is_retried_until_redis_answers() -> None:
+    """An ack that cannot reach Redis keeps its lease and is retried, with backoff, until
+    Redis answers (see test_redis_faults.py for a real outage, and for one past the lease)."""
     harness = RedisHarness(require_redis())
     async with harness.open_redis() as broker:
         record = make(harness.queue)
         await broker.enqueue(record)
         got = await reserve(broker)
         real_commands = broker._store.commands
+        failures = 2
 
-        async def down(*args: Any, **kwargs: Any) -> Any:
-            raise BrokerUnavailable("Redis is down")
+        async def down_twice(*args: Any, **kwargs: Any) -> Any:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise BrokerUnavailable("Redis is down")
+            return await real_commands(*args, **kwargs)
 
-        broker._store.commands = down  # type: ignore[method-assign]
-        with pytest.raises(BrokerUnavailable):
-            await broker.ack(got, TaskState.SUCCEEDED, result=1)
-        assert broker.held == 1
-        broker._store.commands = real_commands  # type: ignore[method-assign]
+        broker._store.commands = down_twice  # type: ignore[method-assign]
         await broker.ack(got, TaskState.SUCCEEDED, result=1)
+        assert failures == 0
+        assert broker.held == 0
+        broker._store.commands = real_commands  # type: ignore[method-assign]
         assert await finished(record) is TaskState.SUCCEEDED

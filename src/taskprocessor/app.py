@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import inspect
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Protocol, final, overload, runtime_checkable
 from taskprocessor.brokers import Broker, BrokerStatistics, open_broker
 from taskprocessor.clock import Clock, LoopClock
 from taskprocessor.engine.autoscaler import Autoscale, run_autoscaler
-from taskprocessor.engine.definition import KeyFunction, TaskDefinition
+from taskprocessor.engine.definition import KeyFunction, Limits, TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
 from taskprocessor.engine.middleware import Hooks, Middleware, hook_failed
@@ -43,7 +44,7 @@ from taskprocessor.handles import (
 )
 from taskprocessor.payload import find_unplain
 from taskprocessor.resilience.adaptive import AdaptiveLimit
-from taskprocessor.resilience.breaker import BreakerState, CircuitBreaker
+from taskprocessor.resilience.breaker import BreakerState, BreakerStateChange, CircuitBreaker
 from taskprocessor.resilience.ratelimit import RateLimit
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import Priority, TaskRecord, validate_priority
@@ -58,6 +59,31 @@ class _BoundsLostAttempts(Protocol):
     """A broker that dead-letters a task whose worker was lost after enough attempts."""
 
     def set_max_attempts(self, task_name: str, attempts: int) -> None: ...
+
+
+class _GlobalLimits(Protocol):
+    """A broker's enforcement of limits across processes (Redis: ``_redis_limits``)."""
+
+    def declare(
+        self,
+        task_name: str,
+        *,
+        rate_limit: RateLimit | None = None,
+        key_rate_limit: RateLimit | None = None,
+        concurrency: int | None = None,
+        key_concurrency: int | None = None,
+        breaker: str | None = None,
+    ) -> bool: ...
+
+    def breaker_changed(self, name: str, open_for: float | None) -> None: ...
+
+
+@runtime_checkable
+class _EnforcesGlobalLimits(Protocol):
+    """A broker that enforces ``scope="global"`` limits and shared breakers across processes."""
+
+    @property
+    def global_limits(self) -> _GlobalLimits: ...
 
 
 def _keeps_unique_keys(broker: Broker) -> bool:
@@ -140,17 +166,33 @@ class TaskProcessor:
         middleware: Sequence[Middleware] = (),
     ) -> None:
         self.clock: Clock = clock or LoopClock()
+        if max_queue_size is not None and (
+            isinstance(max_queue_size, bool)
+            or not isinstance(max_queue_size, int)
+            or max_queue_size < 1
+        ):
+            raise ConfigurationError("max_queue_size", max_queue_size, "an integer >= 1, or None")
         if isinstance(broker, str):
             broker = open_broker(broker, clock=self.clock, capacity=max_queue_size, aging=aging)
         elif not isinstance(broker, Broker):
             raise ConfigurationError("broker", broker, "a broker URL or a Broker instance")
+        else:  # a broker instance carries its own bounds: silently dropping ours would mislead
+            for setting, value in (("max_queue_size", max_queue_size), ("aging", aging)):
+                if value is not None:
+                    raise ConfigurationError(
+                        setting, value, "None with a Broker instance (configure the broker)"
+                    )
         if on_error is not None and not callable(on_error):
             raise ConfigurationError("on_error", on_error, "a function of a Failure, or None")
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
             raise ConfigurationError("max_threads", max_threads, "an integer >= 1")
-        if max_processes is not None and (not isinstance(max_processes, int) or max_processes < 1):
+        if max_processes is not None and (
+            isinstance(max_processes, bool)
+            or not isinstance(max_processes, int)
+            or max_processes < 1
+        ):
             raise ConfigurationError("max_processes", max_processes, "an integer >= 1 or None")
-        if not grace >= 0:
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
             raise ConfigurationError("grace", grace, "seconds >= 0")
         self.broker: Broker = broker
         self._unique = _keeps_unique_keys(broker)
@@ -162,6 +204,7 @@ class TaskProcessor:
         self._middleware = tuple(Hooks(middleware).middleware)  # validates the items
         self._tasks: dict[str, TaskDefinition] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._shared_breakers: set[str] = set()
         self._state = ProcessorState.NEW
         self._pool: WorkerPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,6 +237,7 @@ class TaskProcessor:
         key_breaker: Callable[[str], CircuitBreaker] | None = None,
         breaker_fail_fast: bool = False,
         adaptive: AdaptiveLimit | None = None,
+        scope: str = "local",
     ) -> _TaskDecorator: ...
 
     def task(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
@@ -209,7 +253,12 @@ class TaskProcessor:
                 ``key_rate_limit`` (a `RateLimit` or ``"100/s"``), ``breaker`` (a
                 `CircuitBreaker` or the name of one from `breaker`), ``key_breaker`` (a
                 function of the key returning a breaker: one breaker per key), with
-                ``breaker_fail_fast``, ``adaptive`` (an `AIMD` or `Gradient2` limit).
+                ``breaker_fail_fast``, ``adaptive`` (an `AIMD` or `Gradient2` limit),
+                ``scope`` (``"local"``, the default: the rate and concurrency limits
+                hold in each process; ``"global"``: across every worker process of the
+                queue, enforced by a shared broker as it hands out tasks, so tasks over
+                a limit stay queued. With the in-memory broker one process is the whole
+                system and both scopes are the same).
 
         Raises:
             ConfigurationError: An option is out of range, or the name is taken.
@@ -236,6 +285,7 @@ class TaskProcessor:
                 )
             self._tasks[definition.name] = definition
             self._bound_lost_attempts(definition)
+            self._declare_limits(definition)
             return Task(self, definition)
 
         if fn is not None:
@@ -271,8 +321,34 @@ class TaskProcessor:
         self._unique = _keeps_unique_keys(broker)
         for definition in self._tasks.values():
             self._bound_lost_attempts(definition)
+            self._declare_limits(definition)
 
-    def breaker(self, name: str, **config: Any) -> CircuitBreaker:
+    def _declare_limits(self, definition: TaskDefinition) -> None:
+        # Global limits and shared breakers go to a broker that enforces them across
+        # processes; the task's in-process stages then leave those limits out. Every
+        # task is declared, limited or not, so a limit dropped from the code is lifted.
+        broker = self.broker
+        if not isinstance(broker, _EnforcesGlobalLimits):
+            definition.distribute(enforced=False)
+            return
+        limits = definition.limits if definition.scope == "global" else Limits()
+        shared = None
+        for stage in definition.middleware:
+            if isinstance(stage, BreakerStage) and stage.breaker is not None:
+                name = stage.breaker.name
+                if name in self._shared_breakers and self._breakers[name] is stage.breaker:
+                    shared = name
+        enforced = broker.global_limits.declare(
+            definition.name,
+            rate_limit=limits.rate_limit,
+            key_rate_limit=limits.key_rate_limit,
+            concurrency=limits.concurrency,
+            key_concurrency=limits.key_concurrency,
+            breaker=shared,
+        )
+        definition.distribute(enforced=enforced)
+
+    def breaker(self, name: str, *, shared: bool = False, **config: Any) -> CircuitBreaker:
         """Declare a named circuit breaker, shared by the task types that name it.
 
         ``@app.task(breaker="payments")`` then guards each of them with the same
@@ -280,19 +356,46 @@ class TaskProcessor:
         again with the same name returns the existing breaker (``config`` must then
         be empty). Subscribe to its state changes with ``breaker.subscribe(fn)``.
 
+        Each process runs its own breaker on the outcomes it sees. With ``shared=True``
+        and a broker shared by processes (Redis), a breaker that opens in one process
+        holds the task types it guards back in every process at once, for its open
+        interval, before their own breakers see a failure; probing after the interval
+        stays with each process's own breaker. With the in-memory broker it changes
+        nothing. Declare a shared breaker before the tasks that name it.
+
         Args:
             name: The breaker's name.
+            shared: Share its open state with every worker process of the queues.
             **config: `CircuitBreaker` settings (``failure_ratio``, ``open_seconds``, ...).
         """
         existing = self._breakers.get(name)
         if existing is not None:
-            if config:
+            if config or (shared and name not in self._shared_breakers):
                 raise ConfigurationError(
-                    "config", config, f"no settings: breaker {name!r} is already declared"
+                    "config",
+                    {**config, "shared": shared} if shared else config,
+                    f"no settings: breaker {name!r} is already declared",
                 )
             return existing
+        if not isinstance(shared, bool):
+            raise ConfigurationError("shared", shared, "True or False")
         breaker = self._breakers[name] = CircuitBreaker(name=name, **config)
+        if shared:
+            self._shared_breakers.add(name)
+            breaker.subscribe(self._share_breaker_state)
         return breaker
+
+    def _share_breaker_state(self, change: BreakerStateChange) -> None:
+        # OPEN writes a mark that expires with the open interval; HALF_OPEN needs no
+        # write (the mark has expired by then); CLOSED removes a mark still there.
+        broker = self.broker
+        if not isinstance(broker, _EnforcesGlobalLimits):
+            return
+        if change.new is BreakerState.OPEN:
+            open_for = self._breakers[change.name].retry_after(change.at)
+            broker.global_limits.breaker_changed(change.name, open_for)
+        elif change.new is BreakerState.CLOSED:
+            broker.global_limits.breaker_changed(change.name, None)
 
     @property
     def breakers(self) -> dict[str, CircuitBreaker]:
@@ -333,6 +436,10 @@ class TaskProcessor:
             timeout=definition.timeout if timeout is None else _seconds("timeout", timeout),
             ttl=definition.ttl if ttl is None else _seconds("ttl", ttl),
         )
+        if self._validate and record.key is not None and find_unplain(record.key) is not None:
+            raise ConfigurationError(
+                "key", record.key, "text without lone surrogates (UTF-8 cannot carry them)"
+            )
         if delay is not None or eta is not None:
             record.eta = self._eta(delay, eta)
         return record
@@ -345,11 +452,16 @@ class TaskProcessor:
                 if eta.tzinfo is None:
                     raise ConfigurationError("eta", eta, "a timezone-aware datetime")
                 eta = eta.timestamp()
-            if isinstance(eta, bool) or not isinstance(eta, int | float):
-                raise ConfigurationError("eta", eta, "a datetime or a POSIX timestamp")
+            if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta):
+                raise ConfigurationError("eta", eta, "a datetime or a finite POSIX timestamp")
             delay = max(0.0, eta - time.time())
-        if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
-            raise ConfigurationError("delay", delay, "seconds >= 0")
+        # Finite: a task due at infinity never runs, and Redis keeps due times in ms.
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not 0 <= delay < math.inf
+        ):
+            raise ConfigurationError("delay", delay, "finite seconds >= 0")
         return self.clock.now() + delay
 
     async def submit_record(

@@ -5,16 +5,37 @@ would cost a round trip per task and, with many idle workers, poll Redis in a lo
 Instead callers wait in line and a single claimer task serves them::
 
     loop:
-        n = callers waiting                       (0: sleep until one comes)
+        n = callers waiting                       (0: unregister, sleep until one comes)
         claim(n)                                  one script call for up to n tasks
         hand the tasks out in arrival order
-        queue drained? block on the wake list (BLPOP), a local submit, or the next
-        delayed task's due time, whichever comes first
+        queue drained? register n idle slots and block on the inboxes and wake lists
+        (one round trip), a local submit, or the next delayed task's due time
 
-Nothing is prefetched: a claim never asks for more tasks than callers wait, so a short
-task is never stuck behind a long one on a busy worker. A task claimed for a caller
-that was cancelled meanwhile goes to the next caller, or back to the queue in its
-place. A wake marker taken when no caller waits any more is passed on to another
+**Hand-off.** Registered idle, a worker process gets tasks submitted meanwhile without
+a claim: the submit's script leases the task to it and pushes it to its inbox, which
+its blocked pop returns (``lua/park.lua`` draws the keys). So a submit to an idle worker
+costs one round trip to start instead of two (wake, then claim). The rules that keep
+this safe:
+
+* Nothing is prefetched: the slots registered are the callers waiting, less what is
+  already in the inbox; callers that leave lower them (`Claimer` shrinks them, and
+  unregisters when none is left, handing the inbox's tasks back to their queue
+  positions). A task handed off in the race with a caller leaving goes to the next
+  caller, or back to its place in the queue, like any task claimed for nobody.
+* Strict priority: a submit hands off only while its queue is empty (nothing ready or
+  due that the task could overtake), and only a type without global limits; anything
+  else is queued and wakes a worker as before.
+* A worker that dies registered costs at most its registration's expiry (about
+  ``idle_timeout``) of hand-offs, whose leases then expire and are recovered. A task
+  read from an inbox is held only while its lease has at least half its term left on
+  the server's clock (estimated from the same round trip); otherwise the lease is
+  renewed first (token checked), and a task whose lease was taken back meanwhile is
+  dropped, never run.
+
+Nothing is prefetched by the claim either: it never asks for more tasks than callers
+wait, so a short task is never stuck behind a long one on a busy worker. A task claimed
+for a caller that was cancelled meanwhile goes to the next caller, or back to the queue
+in its place. A wake marker taken when no caller waits any more is passed on to another
 process.
 """
 
@@ -25,13 +46,14 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final, final
 
 from taskprocessor.clock import Clock, Timer
-from taskprocessor.errors import BrokerError, ProcessorClosed
+from taskprocessor.errors import BrokerError, BrokerUnavailable, ProcessorClosed
 from taskprocessor.task import TaskRecord
 
-__all__ = ["Claimer"]
+__all__ = ["Claimer", "Wake"]
 
 logger = logging.getLogger("taskprocessor.brokers.redis")
 
@@ -47,14 +69,34 @@ _CLOSE_WAIT: Final = 5.0
 
 
 @final
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """What one blocking wait of an idle claimer brought.
+
+    Attributes:
+        records: Tasks handed off to this process (leased here), in order.
+        marker: The wake list a marker was taken from, or None.
+        claim: Whether to look at the queues now (a marker, a timeout, a failure).
+        slots: Idle slots left registered in Redis after the wait.
+    """
+
+    records: list[TaskRecord]
+    marker: bytes | None
+    claim: bool
+    slots: int
+
+
+@final
 class Claimer:
     """One background task that claims for every waiting ``reserve()`` caller.
 
     Args:
         claim: Lease up to n tasks (see `Claim`).
         release: Hand a claimed, undelivered task back to its queue position.
-        block: Wait on the wake list; return the list's key when a marker came, or
-            None after the idle timeout.
+        block: Register n idle slots and wait for a hand-off, a wake marker, or the
+            idle timeout (see `Wake`).
+        shrink: Lower the registered slots to at most n; with 0, unregister, hand the
+            inbox's tasks back and end a pending ``block``.
         pass_on: Push a marker back to a wake list (taken when no caller waited).
         clock: The clock delayed tasks' due times are on.
     """
@@ -64,32 +106,43 @@ class Claimer:
         *,
         claim: Claim,
         release: Callable[[TaskRecord], Awaitable[None]],
-        block: Callable[[], Awaitable[bytes | None]],
+        block: Callable[[int], Awaitable[Wake]],
+        shrink: Callable[[int], Awaitable[None]],
         pass_on: Callable[[bytes], Awaitable[None]],
         clock: Clock,
     ) -> None:
         self._claim = claim
         self._release = release
         self._block = block
+        self._shrink = shrink
         self._pass_on = pass_on
         self._clock = clock
         self._waiters: deque[asyncio.Future[TaskRecord]] = deque()
         self._spare: deque[TaskRecord] = deque()
-        self._demand = asyncio.Event()
-        self._nudged = asyncio.Event()
-        self._blocker: asyncio.Task[bytes | None] | None = None
+        # What the claimer task reacts to: flags, and one future that wakes it when any
+        # of them is raised (cheaper per idle cycle than a task per event to wait on).
+        self._demand = False  # a caller came
+        self._nudged = False  # look at the queues again
+        self._left = False  # a caller left
+        self._wakeup: asyncio.Future[None] | None = None
+        self._idle = False  # asleep with no caller to serve
+        self._blocker: asyncio.Task[Wake] | None = None
         self._task: asyncio.Task[None] | None = None
         self._claiming: asyncio.Future[None] | None = None
         self._delay_timer: Timer | None = None
+        self._registered = 0  # idle slots registered in Redis, as far as is known here
+        self._parked = False  # may be registered (no stop went through since the last park)
+        self._backoff = _BACKOFF_MIN  # the next wait after a failed claim, seconds
         self._closed = False
         self.claims = 0
         """Claim round trips made so far."""
+        self.handoffs = 0
+        """Tasks handed off to this process by a submit (no claim needed)."""
 
     def start(self) -> None:
         """Start the claimer task (on the running loop)."""
         self._closed = False
-        self._demand = asyncio.Event()
-        self._nudged = asyncio.Event()
+        self._demand = self._nudged = self._left = False
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name="taskprocessor-redis-claimer"
         )
@@ -100,9 +153,15 @@ class Claimer:
         """Callers waiting for a task."""
         return sum(1 for w in self._waiters if not w.done())
 
+    @property
+    def registered(self) -> int:
+        """Idle slots registered for hand-offs, as far as this process knows."""
+        return self._registered
+
     def nudge(self) -> None:
         """Look at the queue again now (a task was submitted or handed back here)."""
-        self._nudged.set()
+        self._nudged = True
+        self._poke()
 
     async def reserve(self) -> TaskRecord:
         """Wait in line for a claimed task; cancellation-safe."""
@@ -112,7 +171,9 @@ class Claimer:
             return self._spare.popleft()
         waiter: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self._demand.set()
+        self._demand = True
+        if self._idle:
+            self._poke()
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -122,10 +183,12 @@ class Claimer:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+                self._left = True  # its slot may be registered: the claimer lowers it
+                self._poke()
             raise
 
     async def aclose(self) -> None:
-        """Fail waiting callers, let a claim in flight land, stop, hand spares back."""
+        """Fail waiting callers, let a claim in flight land, unregister, stop, hand back."""
         self._closed = True
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -138,22 +201,55 @@ class Claimer:
             # Cut off, its tasks would wait for their leases to expire.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._claiming), _CLOSE_WAIT)
-        tasks = [t for t in (self._task, self._blocker) if t is not None]
-        self._task = self._blocker = None
-        for task in tasks:
+        task, self._task = self._task, None
+        if task is not None:
+            # Woken too: redis-py can lose a cancellation that lands while it reads a
+            # reply, and the task then stops on seeing _closed.
+            self._poke()
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
+        blocker = self._blocker
+        if self._parked or blocker is not None:
+            # Unregister and let the pending pop return rather than cut it off: a pop cut
+            # off could take a hand-off with it, which would then wait for its lease.
+            try:
+                await asyncio.wait_for(self._unregister(), _CLOSE_WAIT)
+            except (BrokerError, ProcessorClosed, TimeoutError) as exc:
+                logger.warning("could not unregister this idle worker: %s", exc)
+            else:
+                if blocker is not None:
+                    await asyncio.wait([blocker], timeout=_CLOSE_WAIT)
+        self._blocker = None
+        if blocker is not None:
+            blocker.cancel()
+            await asyncio.gather(blocker, return_exceptions=True)
         if self._spare:
-            with contextlib.suppress(BrokerError, TimeoutError):
+            with contextlib.suppress(BrokerError, ProcessorClosed, TimeoutError):
                 await asyncio.wait_for(self._release_spares(), _CLOSE_WAIT)
 
     # -- the claimer task ----------------------------------------------------------
 
+    def _poke(self) -> None:
+        """Wake the claimer task if it sleeps (it then looks at the flags)."""
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _sleep(self) -> None:
+        """Sleep until poked. Callers check the flags first: pokes only come while asleep."""
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
     def _live(self) -> int:
+        # A waiter leaves the line when served or cancelled (see reserve), so only the
+        # front may hold one already done.
         waiters = self._waiters
         while waiters and waiters[0].done():
             waiters.popleft()
-        return sum(1 for w in waiters if not w.done())
+        return len(waiters)
 
     def _deliver(self, record: TaskRecord) -> None:
         waiters = self._waiters
@@ -163,12 +259,15 @@ class Claimer:
                 waiter.set_result(record)
                 return
         self._spare.append(record)
-        self._demand.set()  # wake the claimer, idle or not: it hands spares back
-        self._nudged.set()
+        self._demand = True  # wake the claimer, idle or not: it hands spares back
+        self.nudge()
 
     async def _run(self) -> None:
-        backoff = _BACKOFF_MIN
+        claim = True
         while not self._closed:
+            # Lowered before counting: a caller that comes or leaves during an await
+            # below raises them again, so no wait below can miss it.
+            self._demand = self._left = False
             live = self._live()
             while self._spare and live:
                 self._deliver(self._spare.popleft())
@@ -176,27 +275,53 @@ class Claimer:
             if self._spare:
                 await self._guarded(self._release_spares())
             if not live:
-                self._demand.clear()
+                if self._parked:
+                    await self._guarded(self._unregister())
+                if self._stopped():
+                    return
                 await self._wait_for_demand()
+                claim = True
                 continue
-            self._nudged.clear()
-            self._claiming = asyncio.get_running_loop().create_future()
-            try:
-                records, drained, next_due = await self._claim(live)
-            except BrokerError as exc:
-                logger.warning("could not reserve tasks; retrying in %gs: %s", backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-                continue
-            finally:
-                self.claims += 1
-                self._claiming.set_result(None)
-                self._claiming = None
-            backoff = _BACKOFF_MIN
-            for record in records:
-                self._deliver(record)  # to the spares if closing failed the callers meanwhile
-            if drained and not self._nudged.is_set() and not self._closed:
-                await self._wait_for_work(next_due)
+            if self._registered > live and self._blocker is not None:
+                # Callers left while registered (the next registration sets it anew).
+                await self._guarded(self._shrink(live))
+                self._registered = min(self._registered, live)
+            if claim or self._nudged:
+                claim = await self._claim_for(live)
+                if claim:
+                    continue
+            if self._stopped():
+                return
+            claim = await self._wait_for_work()
+
+    def _stopped(self) -> bool:
+        # Checked after awaits: redis-py can lose a cancellation that lands while it
+        # reads a reply, so aclose() also sets _closed and wakes every wait.
+        return self._closed
+
+    async def _claim_for(self, live: int) -> bool:
+        """Claim for ``live`` callers and hand the tasks out; return whether to claim again."""
+        self._nudged = False
+        self._claiming = asyncio.get_running_loop().create_future()
+        try:
+            records, drained, next_due = await self._claim(live)
+        except BrokerError as exc:
+            backoff = self._backoff
+            _log_failure(exc, "could not reserve tasks; retrying in %gs: %s", backoff, exc)
+            await asyncio.sleep(backoff)
+            self._backoff = min(backoff * 2, _BACKOFF_MAX)
+            return True
+        finally:
+            self.claims += 1
+            self._claiming.set_result(None)
+            self._claiming = None
+        self._backoff = _BACKOFF_MIN
+        for record in records:
+            self._deliver(record)  # to the spares if closing failed the callers meanwhile
+        if not drained or self._nudged or self._stopped():
+            return True
+        self._set_delay_timer(next_due)
+        return False
 
     async def _guarded(self, step: Awaitable[None]) -> None:
         try:
@@ -208,51 +333,83 @@ class Claimer:
         while self._spare:
             await self._release(self._spare.popleft())
 
-    async def _wait_for_demand(self) -> None:
-        """Sleep until a caller comes; pass on a wake marker that arrives meanwhile."""
-        waiting = asyncio.ensure_future(self._demand.wait())
-        blocker = self._blocker
-        try:
-            await asyncio.wait(
-                [waiting] if blocker is None else [waiting, blocker],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            waiting.cancel()
-        if blocker is not None and blocker.done():
-            self._blocker = None
-            key = await self._marker(blocker)
-            if key is not None and not self._live():
-                await self._guarded(self._pass_on(key))
+    async def _unregister(self) -> None:
+        """No caller waits: drop the registration, get the inbox back, end the pop."""
+        await self._shrink(0)
+        self._registered = 0  # only once it went through: else closing tries again
+        self._parked = False
 
-    async def _wait_for_work(self, next_due: float | None) -> None:
-        """Block until a wake marker, a local nudge, or the next delayed task's due time."""
+    def _set_delay_timer(self, next_due: float | None) -> None:
         if self._delay_timer is not None:
             self._delay_timer.cancel()
             self._delay_timer = None
         if next_due is not None:
-            self._delay_timer = self._clock.call_at(next_due, self._nudged.set)
-        if self._blocker is None:
-            self._blocker = asyncio.ensure_future(self._block())
-        blocker = self._blocker
-        nudged = asyncio.ensure_future(self._nudged.wait())
-        try:
-            await asyncio.wait([blocker, nudged], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            nudged.cancel()
-        if blocker.done():
-            self._blocker = None
-            key = await self._marker(blocker)
-            if key is not None and not self._live():  # every caller left meanwhile
-                await self._guarded(self._pass_on(key))
+            self._delay_timer = self._clock.call_at(next_due, self.nudge)
 
-    async def _marker(self, blocker: asyncio.Task[bytes | None]) -> bytes | None:
+    async def _blocking(self, slots: int) -> Wake:
+        """Register ``slots`` idle slots, wait, and hand out what was handed off here."""
+        try:
+            wake = await self._block(slots)
+        finally:
+            self._poke()
+        self._registered = min(self._registered, wake.slots)  # a shrink may have come since
+        if not wake.slots:
+            self._parked = False  # used up by hand-offs, all of them received: nothing to stop
+        self.handoffs += len(wake.records)
+        for record in wake.records:
+            self._deliver(record)  # from here, not the claimer task: one loop turn sooner
+        return wake
+
+    async def _wait_for_demand(self) -> None:
+        """Sleep until a caller comes; pass on a wake marker that arrives meanwhile."""
+        blocker = self._blocker
+        if not self._demand and (blocker is None or not blocker.done()):
+            self._idle = True
+            try:
+                await self._sleep()
+            finally:
+                self._idle = False
+        if blocker is not None and blocker.done():
+            self._blocker = None
+            wake = await self._outcome(blocker)
+            if wake.marker is not None and not self._live():
+                await self._guarded(self._pass_on(wake.marker))
+
+    async def _wait_for_work(self) -> bool:
+        """Block until a hand-off, a wake marker, a nudge, or a caller leaving.
+
+        Returns:
+            Whether to claim next.
+        """
+        if self._blocker is None:
+            self._registered = slots = self._live()
+            self._parked = True
+            self._blocker = asyncio.ensure_future(self._blocking(slots))
+        blocker = self._blocker
+        if not (blocker.done() or self._nudged or self._left):
+            await self._sleep()
+        if not blocker.done():
+            return self._nudged
+        self._blocker = None
+        wake = await self._outcome(blocker)
+        if wake.marker is not None and not self._live():  # every caller left meanwhile
+            await self._guarded(self._pass_on(wake.marker))
+        return wake.claim
+
+    async def _outcome(self, blocker: asyncio.Task[Wake]) -> Wake:
         try:
             return blocker.result()
-        except BrokerError as exc:
-            logger.warning("waiting for tasks failed; retrying: %s", exc)
+        except (BrokerError, ProcessorClosed) as exc:
+            _log_failure(exc, "waiting for tasks failed; retrying: %s", exc)
             await asyncio.sleep(_BACKOFF_MIN)
-            return None
+            return Wake([], None, claim=True, slots=self._registered)
+
+
+def _log_failure(exc: Exception, message: str, *args: object) -> None:
+    # An unreachable server is logged once per outage (see _redis_store.Outage), not
+    # once per retry; other failures are worth a warning each.
+    log = logger.debug if isinstance(exc, BrokerUnavailable) else logger.warning
+    log(message, *args)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

@@ -10,6 +10,12 @@ requested) go back to the loop with ``call_soon_threadsafe``.
 Cancel notices for held tasks are dispatched here too: a notice that arrives before
 its task is held (the pub/sub message overtook the claim's reply) is remembered for a
 minute and delivered when the task is held.
+
+While Redis does not answer, the thread tries again with backoff (never slower than
+its beat) rather than a beat later, so that the leases it holds are extended as soon
+as Redis is back, before another worker's recovery could take them. Each lease keeps
+the time it runs out as this process last knew it (`Lease.deadline`): an ack that
+cannot reach Redis is retried until then, and after it recovery owns the task.
 """
 
 from __future__ import annotations
@@ -17,12 +23,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final, final
 
-from taskprocessor.brokers._redis_store import QueueKeys, Scripts
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from taskprocessor.brokers._redis_store import (
+    BACKOFF_MAX,
+    BACKOFF_MIN,
+    Backoff,
+    Outage,
+    QueueKeys,
+    Scripts,
+)
 from taskprocessor.task import TaskRecord
 
 __all__ = ["Lease", "Leases"]
@@ -37,7 +54,7 @@ _EARLY_CANCEL_KEEP: Final = 60.0
 class Lease:
     """A task reserved here and not yet acknowledged, released or retried."""
 
-    __slots__ = ("cancel_sent", "keys", "lost", "record", "token")
+    __slots__ = ("cancel_sent", "deadline", "keys", "lost", "record", "token")
 
     def __init__(self, record: TaskRecord, keys: QueueKeys, token: int) -> None:
         self.record = record
@@ -45,6 +62,8 @@ class Lease:
         self.token = token
         self.cancel_sent = False
         self.lost = False
+        self.deadline = math.inf
+        """`time.monotonic` time the lease runs out unless extended (set when held)."""
 
 
 @final
@@ -54,12 +73,18 @@ class Leases:
     Args:
         connect: Return a new synchronous Redis client (called in the heartbeat thread).
         lease: Seconds each heartbeat extends a lease by; beats come every third of it.
+        outage: Where failed and successful beats are reported (None: log them here).
     """
 
-    def __init__(self, connect: Callable[[], Any], *, lease: float) -> None:
+    def __init__(
+        self, connect: Callable[[], Any], *, lease: float, outage: Outage | None = None
+    ) -> None:
         self._connect = connect
+        self._lease = lease
         self._lease_ms = max(1, round(lease * 1000))
         self._interval = lease / 3
+        self._outage = outage
+        self._failing = False  # beats fail for another reason than an unreachable server
         self._held: dict[str, Lease] = {}
         # Leases replaced by a newer one for the same task here (it was taken back and
         # reserved again): their acks still go to Redis, to be refused there.
@@ -82,6 +107,7 @@ class Leases:
 
     def hold(self, lease: Lease) -> None:
         """Hold a new lease (and start the heartbeat thread with the first one)."""
+        lease.deadline = time.monotonic() + self._lease  # the claim's reply came just now
         with self._lock:
             old = self._held.get(lease.record.id)
             if old is not None:
@@ -171,52 +197,77 @@ class Leases:
             with contextlib.suppress(RuntimeError):  # the loop is closing
                 loop.call_soon_threadsafe(callback, *args)
 
-    def _snapshot(self) -> dict[QueueKeys, list[tuple[str, int]]]:
-        snapshot: dict[QueueKeys, list[tuple[str, int]]] = {}
+    def _snapshot(self) -> dict[QueueKeys, list[Lease]]:
+        snapshot: dict[QueueKeys, list[Lease]] = {}
         with self._lock:
-            for task_id, lease in self._held.items():
+            for lease in self._held.values():
                 if not lease.lost:
-                    snapshot.setdefault(lease.keys, []).append((task_id, lease.token))
+                    snapshot.setdefault(lease.keys, []).append(lease)
         return snapshot
 
     def _beat_forever(self) -> None:
         client = None
         scripts = Scripts()
-        failing = False
+        # While beats fail, try again sooner than a beat later (but never slower).
+        backoff = Backoff(min(BACKOFF_MIN, self._interval), min(BACKOFF_MAX, self._interval))
+        wait = self._interval
         try:
-            while not self._stop.wait(self._interval):
+            while not self._stop.wait(wait):
+                wait = self._interval
                 held = self._snapshot()
                 if not held:
                     continue
+                began = time.monotonic()
                 try:
                     if client is None:
                         client = self._connect()
                         scripts.load_sync(client)
                     lost, cancelled = self._beat(client, scripts, held)
-                except Exception as exc:  # noqa: BLE001 - any failure: say so, keep beating
-                    if not failing:
-                        logger.warning("lease heartbeat failed; retrying: %r", exc)
-                    failing = True
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    self._unreachable(exc)
+                    wait = backoff.next()
                     continue
-                if failing:
-                    logger.info("lease heartbeat works again")
-                    failing = False
-                self.beats += 1
+                except Exception as exc:  # noqa: BLE001 - any failure: say so, keep beating
+                    if not self._failing:
+                        logger.warning("lease heartbeat failed; retrying: %r", exc)
+                    self._failing = True
+                    wait = backoff.next()
+                    continue
+                backoff.reset()
+                self._beaten(held, began)
                 if lost or cancelled:
                     self._loop_call_soon(self._on_beat, lost, cancelled)
         finally:
             if client is not None:
                 client.close()
 
+    def _beaten(self, held: dict[QueueKeys, list[Lease]], began: float) -> None:
+        """A beat went through: each lease it extended lasts ``lease`` from ``began``."""
+        if self._failing:
+            logger.info("lease heartbeat works again")
+            self._failing = False
+        if self._outage is not None:
+            self._outage.back()
+        for leases in held.values():
+            for lease in leases:
+                lease.deadline = began + self._lease
+        self.beats += 1
+
+    def _unreachable(self, exc: BaseException) -> None:
+        if self._outage is not None:
+            self._outage.lost(exc)
+        else:
+            logger.debug("lease heartbeat failed; retrying: %r", exc)
+
     def _beat(
-        self, client: Any, scripts: Scripts, held: dict[QueueKeys, list[tuple[str, int]]]
+        self, client: Any, scripts: Scripts, held: dict[QueueKeys, list[Lease]]
     ) -> tuple[list[str], list[str]]:
         lost: list[str] = []
         cancelled: list[str] = []
         for keys, leases in held.items():
             args: list[Any] = [keys.prefix, self._lease_ms]
-            for task_id, token in leases:
-                args += (task_id, token)
+            for lease in leases:
+                args += (lease.record.id, lease.token)
             gone, cancel = scripts.call_sync(client, "extend", [keys.leases], args)
             lost += (x.decode() for x in gone)
             cancelled += (x.decode() for x in cancel)

@@ -6,18 +6,26 @@ channel; the producer finds the record here by id, sets its state, result or err
 and settles it, which wakes ``job.result()``. Errors are rebuilt from their encoded
 form (see `taskprocessor.brokers.codec`), the same way whether the task ran in this
 process or elsewhere.
+
+Messages published while the subscription is down (Redis restarted, the connection
+dropped) are lost, so once the subscription is confirmed again the listener runs a
+sweep, which reads the state of every task still waited for and settles those that
+ended meanwhile. A task that Redis no longer knows at all was lost with it (a restart
+without persistence) and is settled FAILED, naming why, rather than waited for forever.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, final
+from typing import Any, final
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from taskprocessor.brokers._redis_store import Backoff, Outage
 from taskprocessor.brokers.codec import (
     DecodeError,
     Outcome,
@@ -26,15 +34,12 @@ from taskprocessor.brokers.codec import (
     rebuild_error,
 )
 from taskprocessor.clock import Clock
-from taskprocessor.errors import BrokerError
+from taskprocessor.errors import BrokerError, BrokerUnavailable
 from taskprocessor.task import TaskRecord, TaskState
 
-__all__ = ["Waiting", "listen"]
+__all__ = ["Waiting", "listen", "lost_outcome"]
 
 logger = logging.getLogger("taskprocessor.brokers.redis")
-
-_BACKOFF_MIN: Final = 0.05
-_BACKOFF_MAX: Final = 5.0
 
 
 @final
@@ -135,33 +140,64 @@ class Waiting:
         return record
 
 
+def lost_outcome(task_id: str, attempt: int, url: str) -> Outcome:
+    """The outcome of a waited-for task that Redis no longer knows."""
+    message = (
+        f"the task is no longer in Redis at {url}: Redis lost it (it restarted without "
+        "persisting it: see the persistence guarantees), or its finished record expired "
+        "(result_ttl) while no message could reach this process. It may or may not have "
+        "run; submit it again if it must run"
+    )
+    error = {"kind": "failed", "type": "TaskLost", "message": message}
+    return Outcome(task_id, TaskState.FAILED, attempt, None, error)
+
+
 async def listen(
     pubsub: Any,
     reply_channel: str,
     waiting: Waiting,
     on_cancel: Callable[[str], None],
     sweep: Callable[[], Awaitable[None]],
+    *,
+    outage: Outage | None = None,
 ) -> None:
     """Dispatch pub/sub messages forever: outcomes to ``waiting``, cancel notices to ``on_cancel``.
 
-    After a lost connection it resubscribes and runs ``sweep``, which settles the
-    records of tasks that ended while no message could reach this process.
+    While the connection is down it retries with backoff, reporting to ``outage``;
+    redis-py resubscribes on reconnecting, and once the server confirms every channel
+    again (messages from then on reach us) ``sweep`` settles the records of tasks that
+    ended while none could.
     """
     reply = reply_channel.encode()
-    backoff = _BACKOFF_MIN
+    backoff = Backoff()
     while True:
         try:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-        except RedisError as exc:
-            logger.warning("lost the broker's subscription; resubscribing: %s", exc)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX)
-            with contextlib.suppress(BrokerError, RedisError):
-                await pubsub.ping()  # reconnects, and resubscribes on connecting
-                await sweep()
+            message = await pubsub.get_message(timeout=None)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if outage is not None:
+                outage.lost(exc)
+            await asyncio.sleep(backoff.next())
             continue
-        backoff = _BACKOFF_MIN
-        if message is None or message.get("type") != "message":
+        except RedisError as exc:
+            logger.warning("the broker's subscription failed; resubscribing: %s", exc)
+            await asyncio.sleep(backoff.next())
+            continue
+        backoff.reset()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled (by aclose) inside redis-py, which lost it (see cancel_and_wait).
+            raise asyncio.CancelledError
+        if message is None:
+            continue
+        kind = message.get("type")
+        if kind == "subscribe":
+            # A confirmation after a reconnect (the first ones were read when opening).
+            if message["data"] == len(pubsub.channels):
+                if outage is not None:
+                    outage.back()
+                await _sweep(sweep)
+            continue
+        if kind != "message":
             continue
         if message["channel"] != reply:
             on_cancel(message["data"].decode())
@@ -170,3 +206,19 @@ async def listen(
             waiting.settle(decode_outcome(message["data"]))
         except DecodeError as exc:
             logger.error("ignored an unreadable outcome message: %s", exc)  # noqa: TRY400
+
+
+async def _sweep(sweep: Callable[[], Awaitable[None]]) -> None:
+    """Run ``sweep`` until it goes through: handles wait on it (messages wait meanwhile)."""
+    backoff = Backoff()
+    while True:
+        try:
+            await sweep()
+        except BrokerUnavailable as exc:
+            logger.debug("the sweep after resubscribing failed; retrying: %s", exc)
+        except BrokerError as exc:
+            logger.warning("could not read the outcomes missed while disconnected: %s", exc)
+            return
+        else:
+            return
+        await asyncio.sleep(backoff.next())

@@ -23,43 +23,84 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, final
+from typing import Any, Final, TypeVar, final
 
 from taskprocessor.brokers.base import BrokerStatistics
-from taskprocessor.errors import BrokerError, BrokerUnavailable
+from taskprocessor.errors import BrokerError, BrokerUnavailable, ProcessorClosed
 
 try:
     import redis as redis_sync
     import redis.asyncio as redis_async
+    import redis.retry as sync_retry
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
+    from redis.exceptions import (
+        AuthenticationError,
+        AuthorizationError,
+        NoScriptError,
+        RedisError,
+        ResponseError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, RedisError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         'the Redis broker needs redis-py: pip install "taskprocessor[redis]"'
     ) from exc
 
-__all__ = ["SCRIPT_NAMES", "QueueKeys", "Scripts", "Store", "load_sources"]
+__all__ = [
+    "SCRIPT_NAMES",
+    "Backoff",
+    "Outage",
+    "QueueKeys",
+    "Scripts",
+    "Store",
+    "cancel_and_wait",
+    "load_sources",
+    "root_cause",
+    "transient",
+]
 
 logger = logging.getLogger("taskprocessor.brokers.redis")
 
+T = TypeVar("T")
+
+# Bounds of the waits between two tries while Redis does not answer, seconds: the first
+# retry comes soon (a restart takes a fraction of a second), the wait doubles, and the
+# cap keeps a worker from sleeping long after Redis is back.
+BACKOFF_MIN: Final = 0.05
+BACKOFF_MAX: Final = 2.0
+# redis-py's own retries inside one call (a dropped connection is redialled at once).
+_CALL_RETRIES: Final = 1
+# A blocking read (BLPOP) gives up this long after the server should have answered: a
+# connection silently cut (no FIN, no RST) is noticed instead of waited on forever.
+_BLOCK_MARGIN: Final = 10.0
+# Closing: how often a background task that went on after a cancel is cancelled again,
+# and for how long, seconds (see cancel_and_wait).
+_RECANCEL_EVERY: Final = 0.1
+_CLOSE_BOUND: Final = 5.0
+
 SCRIPT_NAMES: Final = (
     "ack",
+    "breaker",
     "cancel",
     "cancel_all",
     "enqueue",
     "extend",
     "get",
+    "park",  # park.lua, unpark.lua: idle workers' registrations (hand-off, _redis_claim.py)
     "purge",
     "recover",
     "requeue",
     "reserve",
     "retry",
     "stats",
+    "unpark",
 )
 
 
@@ -162,22 +203,163 @@ def _text(value: bytes | str) -> str:
 
 
 @final
+class Backoff:
+    """Waits between tries: doubling from ``first`` up to ``cap``, each jittered.
+
+    The jitter (a wait between half and all of the step) keeps the workers of many
+    processes from retrying in lockstep when Redis comes back.
+    """
+
+    __slots__ = ("_cap", "_first", "_step")
+
+    def __init__(self, first: float = BACKOFF_MIN, cap: float = BACKOFF_MAX) -> None:
+        self._first = first
+        self._cap = cap
+        self._step = first
+
+    def next(self) -> float:
+        """Return the wait before the next try, and double the step."""
+        step = self._step
+        self._step = min(step * 2, self._cap)
+        return random.uniform(step / 2, step)
+
+    def reset(self) -> None:
+        """Start again from the first step (after a success)."""
+        self._step = self._first
+
+
+@final
+class Outage:
+    """Whether Redis answers, as the broker last found; logged once when that changes.
+
+    Every loop that retries while Redis is unreachable (producer calls, the heartbeat
+    thread, the pub/sub listener, lease recovery) reports its failed tries with `lost`,
+    and every call that succeeds reports `back`. So an outage logs one WARNING when it
+    begins and one INFO when it ends, however many tries it takes. Thread-safe: the
+    heartbeat thread reports too.
+
+    Args:
+        url: The server's URL, password masked.
+        unavailable_timeout: How long producer calls retry (for the message).
+    """
+
+    __slots__ = ("_lock", "_since", "_timeout", "_url", "failures", "outages")
+
+    def __init__(self, url: str, unavailable_timeout: float) -> None:
+        self._url = url
+        self._timeout = unavailable_timeout
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self.outages = 0
+        """Outages seen so far (a change from answering to not answering)."""
+        self.failures = 0
+        """Failed tries reported so far."""
+
+    @property
+    def down(self) -> bool:
+        """Whether the last report was a failure."""
+        return self._since is not None
+
+    def lost(self, exc: BaseException) -> None:
+        """Report a failed try; the first one of an outage logs a WARNING."""
+        with self._lock:
+            self.failures += 1
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+            self.outages += 1
+        logger.warning(
+            "Redis at %s does not answer (%s); retrying with backoff, at most %gs apart. "
+            "Workers resume on their own once it answers; producer calls give up after "
+            "unavailable_timeout=%gs",
+            self._url,
+            root_cause(exc),
+            BACKOFF_MAX,
+            self._timeout,
+        )
+
+    def back(self) -> None:
+        """Report a call that succeeded; the first one after an outage logs an INFO."""
+        if self._since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            logger.info(
+                "Redis at %s answers again, after %.1fs; resuming",
+                self._url,
+                time.monotonic() - since,
+            )
+
+
+def root_cause(exc: BaseException) -> str:
+    """The Redis client's own words for a failure (our wrappers repeat the URL)."""
+    while isinstance(exc, BrokerError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc)
+
+
+async def cancel_and_wait(tasks: Sequence[asyncio.Task[Any]], bound: float = _CLOSE_BOUND) -> None:
+    """Cancel ``tasks`` and wait for them to end, cancelling again those that go on.
+
+    Under Python 3.11 ``asyncio.wait_for``, which redis-py uses to send commands, loses
+    a cancellation that lands as its write completes: the task goes on as if never
+    cancelled, and a plain cancel-and-gather would wait for ever. Gives up (logging
+    an ERROR) after ``bound`` seconds.
+    """
+    pending = {t for t in tasks if not t.done()}
+    deadline = time.monotonic() + bound
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=_RECANCEL_EVERY)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(sorted(t.get_name() for t in pending))
+            logger.error("background tasks did not stop within %gs of cancelling: %s", bound, names)
+            return
+    for task in tasks:  # retrieve their outcomes: none is left unobserved
+        if not task.cancelled():
+            task.exception()
+
+
+def transient(exc: BrokerUnavailable) -> bool:
+    """Whether trying again may help: not when the server refused the credentials."""
+    return not isinstance(exc.__cause__, AuthenticationError | AuthorizationError)
+
+
+@final
 class Store:
     """The broker's connections: commands and scripts, a blocking one, and pub/sub.
 
     Redis errors leave it as `BrokerUnavailable` (the server cannot be reached) or
-    `BrokerError` (it refused), with the masked URL in the message.
+    `BrokerError` (it refused), with the masked URL in the message. Calls fail at
+    once (after redis-py's own quick redial); the callers that must outlast an outage
+    retry them with `patiently`, and report what they find to `outage`.
 
     Args:
         url: The server's URL, password included.
         masked: The URL for messages, password masked.
         options: Keyword arguments for ``Redis.from_url``.
+        unavailable_timeout: Seconds `patiently` retries by default.
+        idle_timeout: Longest BLPOP of `wait_for_marker`, seconds (bounds its socket
+            timeout).
     """
 
-    def __init__(self, url: str, masked: str, options: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        url: str,
+        masked: str,
+        options: Mapping[str, Any],
+        *,
+        unavailable_timeout: float = 10.0,
+        idle_timeout: float = 5.0,
+    ) -> None:
         self._url = url
         self.url = masked
         self._options = dict(options)
+        self.unavailable_timeout = unavailable_timeout
+        self._idle_timeout = idle_timeout
+        self.outage = Outage(masked, unavailable_timeout)
         self.scripts = Scripts()
         self.client: Any = None
         self.pubsub: Any = None
@@ -190,9 +372,60 @@ class Store:
 
     def unavailable(self, exc: BaseException) -> BrokerUnavailable:
         """The error to raise when the server cannot be reached."""
-        return BrokerUnavailable(
+        error = BrokerUnavailable(
             f"Redis at {self.url} is unavailable: {exc}. Check that the server runs and that "
             "the URL (host, port, password, TLS) is right."
+        )
+        error.__cause__ = exc  # also when the caller raises it elsewhere (a batch)
+        return error
+
+    async def patiently(
+        self,
+        what: str,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        deadline: float | None = None,
+    ) -> T:
+        """Try ``attempt`` until it succeeds, retrying with backoff while Redis is away.
+
+        Only `BrokerUnavailable` is retried (and not a refused password); any other
+        error, and cancellation, end the wait at once.
+
+        Args:
+            what: What is being done, for the error ("submitting a task").
+            attempt: One try.
+            deadline: `time.monotonic` time after which no new try starts; default
+                ``unavailable_timeout`` seconds from now.
+
+        Raises:
+            BrokerUnavailable: Redis did not answer before the deadline, naming the URL,
+                the time waited and how to fix it.
+        """
+        began = time.monotonic()
+        if deadline is None:
+            deadline = began + self.unavailable_timeout
+        backoff = Backoff()
+        retried = False
+        while True:
+            try:
+                return await attempt()
+            except BrokerUnavailable as exc:
+                now = time.monotonic()
+                if not transient(exc) or (now >= deadline and not retried):
+                    raise  # nothing was waited for: the error as it came
+                if now >= deadline:
+                    raise self.gave_up(what, now - began, exc) from exc
+                self.outage.lost(exc)
+                retried = True
+                await asyncio.sleep(min(backoff.next(), deadline - now))
+
+    def gave_up(self, what: str, waited: float, exc: BaseException) -> BrokerUnavailable:
+        """The error after ``waited`` seconds of retrying ``what`` in vain."""
+        return BrokerUnavailable(
+            f"Redis at {self.url} did not answer for {waited:.1f}s while {what} (last error: "
+            f"{root_cause(exc)}). Check that the server runs and that the URL (host, port, "
+            f"password, TLS) is right; the broker's unavailable_timeout="
+            f"{self.unavailable_timeout:g}s bounds this wait (raise it to wait longer)."
         )
 
     async def open(self, channels: Sequence[str]) -> float:
@@ -204,8 +437,7 @@ class Store:
         Raises:
             BrokerUnavailable: The server does not answer.
         """
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
-        client = redis_async.Redis.from_url(self._url, **{"retry": retry, **self._options})
+        client = redis_async.Redis.from_url(self._url, **{"retry": _quick_retry(), **self._options})
         pubsub = client.pubsub()
         try:
             await client.ping()
@@ -220,8 +452,13 @@ class Store:
                 raise self.unavailable(exc) from exc
             raise
         self.client, self.pubsub = client, pubsub
-        blocking_options = {**self._options, "socket_timeout": None}
+        blocking_options = {
+            "retry": _quick_retry(),
+            **self._options,
+            "socket_timeout": self._idle_timeout + _BLOCK_MARGIN,
+        }
         self._blocking = redis_async.Redis.from_url(self._url, **blocking_options)
+        self.outage.back()
         return float(seconds + micros / 1e6)
 
     async def _warn_about_eviction(self, client: Any) -> None:
@@ -256,16 +493,25 @@ class Store:
     def connect_sync(self) -> Any:
         """A new synchronous client (for the heartbeat thread)."""
         options = {k: v for k, v in self._options.items() if k != "retry"}  # an asyncio Retry
-        return redis_sync.Redis.from_url(self._url, **options)
+        retry = sync_retry.Retry(ExponentialBackoff(cap=0.5, base=0.05), _CALL_RETRIES)
+        return redis_sync.Redis.from_url(self._url, **{"retry": retry, **options})
+
+    def _client(self) -> Any:
+        client = self.client
+        if client is None:
+            raise ProcessorClosed("the broker is closed; call start() to open it again")
+        return client
 
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script."""
         try:
-            return await self.scripts.call(self.client, name, keys, args)
+            reply = await self.scripts.call(self._client(), name, keys, args)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self.unavailable(exc) from exc
         except RedisError as exc:
             raise BrokerError(f"Redis at {self.url} refused {name!r}: {exc}") from exc
+        self.outage.back()
+        return reply
 
     async def call_batched(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script in the next pipeline: calls made while one is in flight share it.
@@ -296,7 +542,7 @@ class Store:
                 try:
                     replies = await self.commands(fill, raise_on_error=False)
                 except BrokerError as exc:  # the whole round trip failed
-                    replies = [type(exc)(str(exc)) for _ in batch]
+                    replies = [_copy(exc) for _ in batch]
                 for (name, _, _, future), reply in zip(batch, replies, strict=True):
                     if future.done():
                         continue
@@ -325,33 +571,75 @@ class Store:
         """
         for attempt in (1, 2):
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
+                async with self._client().pipeline(transaction=False) as pipe:
                     fill(pipe)
                     result: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
                     if not raise_on_error and any(_is_noscript(r) for r in result):
                         raise NoScriptError("NOSCRIPT")
+                    self.outage.back()
                     return result
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 raise self.unavailable(exc) from exc
             except RedisError as exc:
-                if attempt == 1 and "NOSCRIPT" in str(exc):  # the server restarted
-                    await self.scripts.load(self.client)
+                # The server restarted. (A pipeline raises its first error with the
+                # command prepended to the message, so match the type, not the words.)
+                if attempt == 1 and (isinstance(exc, NoScriptError) or "NOSCRIPT" in str(exc)):
+                    try:
+                        await self.scripts.load(self._client())
+                    except (RedisConnectionError, RedisTimeoutError) as down:
+                        raise self.unavailable(down) from down
                     continue
                 raise BrokerError(f"Redis at {self.url} refused a pipeline: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def wait_for_marker(self, keys: Sequence[str], timeout: float) -> bytes | None:
-        """BLPOP a wake marker; return the key it came from, or None after ``timeout``."""
+    async def wait_for_marker(
+        self,
+        parks: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        keys: Sequence[str],
+        timeout: float,
+    ) -> tuple[list[Any], tuple[bytes, bytes] | None]:
+        """Run the ``park`` script calls, then BLPOP ``keys``: one round trip, blocking.
+
+        Both go down the blocking connection in one pipeline, so an idle worker registers
+        (see ``lua/park.lua``) and blocks without a round trip in between.
+
+        Args:
+            parks: ``(keys, args)`` of each ``park`` call.
+            keys: The lists to pop from, first non-empty one first.
+            timeout: Seconds the pop blocks at most.
+
+        Returns:
+            Each call's reply (None where it failed: that registration did not happen),
+            and what the pop took, ``(key, item)``, or None after ``timeout``.
+        """
+        blocking = self._blocking
+        if blocking is None:
+            raise ProcessorClosed("the broker is closed; call start() to open it again")
         try:
-            reply = await self._blocking.blpop(list(keys), timeout)
+            async with blocking.pipeline(transaction=False) as pipe:
+                for park_keys, park_args in parks:
+                    self.scripts.queue(pipe, "park", park_keys, park_args)
+                pipe.blpop(list(keys), timeout)
+                *parked, popped = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
             raise self.unavailable(exc) from exc
-        return None if reply is None else bytes(reply[0])
+        if isinstance(popped, Exception):
+            raise BrokerError(f"Redis at {self.url} refused BLPOP: {popped}")
+        if any(_is_noscript(r) for r in parked):  # the server restarted: the next wait parks
+            try:
+                await self.scripts.load(self._client())
+            except RedisError as exc:
+                raise self.unavailable(exc) from exc
+        elif failed := next((r for r in parked if isinstance(r, Exception)), None):
+            logger.warning("registering as an idle worker at %s failed: %s", self.url, failed)
+        self.outage.back()
+        replies = [None if isinstance(r, Exception) else r for r in parked]
+        return replies, None if popped is None else (bytes(popped[0]), bytes(popped[1]))
 
     async def push_marker(self, key: bytes) -> None:
         """Put a wake marker back (taken when nobody here wanted it)."""
         try:
-            await self.client.lpush(key, "1")
+            await self._client().lpush(key, "1")
         except RedisError as exc:
             raise self.unavailable(exc) from exc
 
@@ -407,6 +695,21 @@ class Store:
 
         rows = await self.commands(fill)
         return [(raw.decode(), row) for raw, row in zip(ids, rows, strict=True)]
+
+
+def _quick_retry() -> Retry:
+    """redis-py's retries within one call: redial a dropped connection once or twice, fast.
+
+    Longer waits are the broker's (see `Store.patiently`), which can log and give up.
+    """
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), _CALL_RETRIES)
+
+
+def _copy(exc: BrokerError) -> BrokerError:
+    """The same error for another caller (one instance raised twice mixes tracebacks)."""
+    copy = type(exc)(str(exc))
+    copy.__cause__ = exc.__cause__
+    return copy
 
 
 async def _subscribe(pubsub: Any, channels: Sequence[str]) -> None:

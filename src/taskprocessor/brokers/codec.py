@@ -25,6 +25,7 @@ and carrying its formatted traceback (also attached as a note, so it prints).
 from __future__ import annotations
 
 import json
+import math
 import traceback as tb
 from dataclasses import dataclass
 from typing import Any, Final, final
@@ -223,6 +224,8 @@ def decode_task(data: bytes, *, limit: int, task_id: str | None = None) -> TaskM
         ) from None
     except ValueError as exc:
         raise DecodeError(f"the task message is not JSON: {exc}") from None
+    except RecursionError:  # json's parser recurses per level: a poison message, not a crash
+        raise DecodeError("the task message is JSON nested too deeply to read") from None
     if not isinstance(envelope, dict):
         raise DecodeError(f"the task message is a JSON {type(envelope).__name__}, not an object")
     version = envelope.get("v")
@@ -248,17 +251,17 @@ def decode_task(data: bytes, *, limit: int, task_id: str | None = None) -> TaskM
         priority=priority,
         queue=_field(envelope, "queue", str),
         key=_field(envelope, "key", (str, _NONE)),
-        timeout=_float_or_none(_field(envelope, "timeout", _OPTIONAL_NUMBER)),
-        ttl=_float_or_none(_field(envelope, "ttl", _OPTIONAL_NUMBER)),
+        timeout=_seconds(envelope, "timeout", positive=True),
+        ttl=_seconds(envelope, "ttl", positive=True),
         headers=headers,
     )
     if task_id is not None and record.id != task_id:
         raise DecodeError(f"the task message names id {record.id!r}, but is stored as {task_id!r}")
     return TaskMessage(
         record,
-        float(_field(envelope, "enqueued_at", _NUMBER)),
-        _float_or_none(_field(envelope, "eta", _OPTIONAL_NUMBER)),
-        _float_or_none(_field(envelope, "expires_at", _OPTIONAL_NUMBER)),
+        _time(envelope, "enqueued_at"),
+        _seconds(envelope, "eta"),
+        _seconds(envelope, "expires_at"),
         max_attempts,
     )
 
@@ -280,8 +283,37 @@ def decode_stored(data: bytes, *, task_id: str, offset: float) -> TaskRecord:
         return TaskRecord(UNDECODABLE, (), {}, task_id=task_id)
 
 
-def _float_or_none(value: float | None) -> float | None:
-    return None if value is None else float(value)
+def _seconds(
+    envelope: dict[str, Any], name: str, *, positive: bool = False, optional: bool = True
+) -> float | None:
+    """Read a number of seconds (or a POSIX time) as a float, never NaN; None for null.
+
+    JSON numbers are unbounded and ``float()`` of a huge one raises OverflowError: a
+    message must fail as a `DecodeError`, which dead-letters it, never as anything else.
+    """
+    value = _field(envelope, name, _OPTIONAL_NUMBER if optional else _NUMBER)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        raise DecodeError(
+            f"field {name!r} of the task message is a number too large for seconds"
+        ) from None
+    if math.isnan(number) or (positive and not number > 0):
+        expected = "seconds > 0" if positive else "a number"
+        raise DecodeError(
+            f"field {name!r} of the task message is {number}, expected {expected}"
+            f"{' or null' if optional else ''}"
+        )
+    return number
+
+
+def _time(envelope: dict[str, Any], name: str) -> float:
+    """Read a required POSIX time (see `_seconds`)."""
+    number = _seconds(envelope, name, optional=False)
+    assert number is not None  # noqa: S101 - a required field is never None
+    return number
 
 
 # -- outcomes -------------------------------------------------------------------------
@@ -342,7 +374,12 @@ def rebuild_error(encoded: dict[str, Any] | None, task_id: str, task_name: str) 
 
 def _number(encoded: dict[str, Any], name: str) -> float:
     value = encoded.get(name)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return 0.0
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond any float: unreadable, like a missing one
+        return 0.0
 
 
 def encode_outcome(
@@ -395,7 +432,7 @@ def decode_outcome(data: bytes) -> Outcome:
         outcome = _loads(data)
         task_id = outcome["id"]
         state = TaskState(outcome["state"])
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise DecodeError(f"an outcome message could not be read: {exc!r}") from None
     if not isinstance(task_id, str) or not state.is_final:
         raise DecodeError(f"an outcome message names no task or no final state: {data[:200]!r}")

@@ -70,13 +70,13 @@ class MemoryBroker:
         result_ttl: float = 0.0,
         max_dead_letters: int = 10_000,
     ) -> None:
-        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+        if capacity is not None and (_not_int(capacity) or capacity < 1):
             raise ConfigurationError("capacity", capacity, "a positive integer or None")
-        if aging is not None and not aging > 0:
+        if aging is not None and not (_real(aging) and aging > 0):
             raise ConfigurationError("aging", aging, "seconds > 0, or None for strict priority")
-        if not result_ttl >= 0:
+        if not _real(result_ttl) or not result_ttl >= 0:
             raise ConfigurationError("result_ttl", result_ttl, "seconds >= 0")
-        if not isinstance(max_dead_letters, int) or max_dead_letters < 0:
+        if _not_int(max_dead_letters) or max_dead_letters < 0:
             raise ConfigurationError("max_dead_letters", max_dead_letters, "an integer >= 0")
         self.url = "memory://"
         self._clock = clock or LoopClock()
@@ -473,3 +473,12 @@ class MemoryBroker:
             f"<MemoryBroker queued={self._size - self._scheduled} scheduled={self._scheduled} "
             f"running={self._running} dead={len(self._dead)}>"
         )
+
+
+def _real(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool, which is a slip for a number)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)

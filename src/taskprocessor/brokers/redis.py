@@ -21,6 +21,12 @@ task's state:
   is told on its queue's cancel channel.
 * **Wire format**: versioned JSON envelopes (see `taskprocessor.brokers.codec`); a
   message that cannot be read is dead-lettered with the reason, and the worker goes on.
+* **Outages**: while Redis does not answer, opening the broker and producer calls retry
+  with backoff for up to ``unavailable_timeout``, then raise `BrokerUnavailable`;
+  workers back off and resume on their own (one WARNING when the outage begins, one
+  INFO when it ends); an ack is retried for as long as its lease lasts. After a restart
+  the scripts are loaded again, the subscription is restored, and outcomes missed
+  meanwhile are read back (a task Redis lost fails its handle, saying so).
 
 Example:
     >>> from taskprocessor import TaskProcessor
@@ -35,15 +41,20 @@ import asyncio
 import enum
 import logging
 import math
+import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, final
 from urllib.parse import urlsplit, urlunsplit
 
-from taskprocessor.brokers._redis_claim import Claimer
+from taskprocessor.brokers._redis_claim import Claimer, Wake
 from taskprocessor.brokers._redis_leases import Lease, Leases
-from taskprocessor.brokers._redis_results import Waiting, listen
-from taskprocessor.brokers._redis_store import QueueKeys, Store
+from taskprocessor.brokers._redis_limits import SCAN_WINDOW, GlobalLimits, registry_key
+from taskprocessor.brokers._redis_results import Waiting, listen, lost_outcome
+from taskprocessor.brokers._redis_store import QueueKeys, Store, cancel_and_wait, root_cause
 from taskprocessor.brokers.base import BrokerStatistics
 from taskprocessor.brokers.codec import (
     UNDECODABLE,
@@ -57,10 +68,16 @@ from taskprocessor.brokers.codec import (
     rebuild_error,
 )
 from taskprocessor.clock import Clock, LoopClock
-from taskprocessor.errors import BrokerError, ConfigurationError, PayloadError, ProcessorClosed
+from taskprocessor.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigurationError,
+    PayloadError,
+    ProcessorClosed,
+)
 from taskprocessor.task import TaskRecord, TaskState
 
-__all__ = ["RedisBroker", "mask_url"]
+__all__ = ["RedisBroker", "RunningTask", "mask_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +85,7 @@ _RUNNING: Final = TaskState.RUNNING
 _CHUNK: Final = 1000  # tasks per pipelined round trip in enqueue_many
 _DUE_MARGIN_MS: Final = 2  # see RedisBroker._due_ms
 _RECOVER_LIMIT: Final = 1000  # expired leases taken back per recover call and queue
+_REGISTRATION_MARGIN: Final = 1.0  # s an idle registration outlives its blocking wait
 _UNBOUNDED: Final = 2**62  # a size limit that is no limit (reading what is already stored)
 
 
@@ -113,6 +131,12 @@ class RedisBroker:
         recover_interval: Seconds between two `recover` passes (default ``lease / 2``).
         idle_timeout: Longest wait of an idle claimer on the wake list, in seconds;
             submits wake it at once, this only bounds a wake-up lost to a crash.
+        unavailable_timeout: Seconds that opening the broker and producer calls
+            (``enqueue``, ``enqueue_many``, ``cancel``, ``get``) retry, with backoff,
+            while Redis does not answer, before they raise `BrokerUnavailable`; 0 fails
+            at once, ``math.inf`` waits for ever. Workers, once started, never give
+            up: they back off and resume when Redis answers. Acks are retried for as
+            long as the task's lease lasts (after it, lease recovery owns the task).
         connection_options: Extra keyword arguments for ``redis.Redis.from_url``.
 
     Raises:
@@ -134,6 +158,7 @@ class RedisBroker:
         clock: Clock | None = None,
         recover_interval: float | None = None,
         idle_timeout: float = 5.0,
+        unavailable_timeout: float = 10.0,
         connection_options: Mapping[str, Any] | None = None,
     ) -> None:
         scheme = urlsplit(url).scheme if isinstance(url, str) else None
@@ -153,11 +178,27 @@ class RedisBroker:
         _check_int("max_payload", max_payload, 1024)
         _check_int("max_attempts", max_attempts, 1)
         _check_int("max_dead_letters", max_dead_letters, 0)
+        if (
+            isinstance(unavailable_timeout, bool)
+            or not isinstance(unavailable_timeout, int | float)
+            or not unavailable_timeout >= 0
+        ):
+            raise ConfigurationError(
+                "unavailable_timeout",
+                unavailable_timeout,
+                "seconds >= 0 (0: fail at once, math.inf: wait for ever)",
+            )
         self.url = mask_url(url)
         name = f"taskprocessor-{uuid.uuid4().hex[:12]}"
         self._channel = f"tp:reply:{name}"
         options = {"socket_connect_timeout": 5.0, "client_name": name, **(connection_options or {})}
-        self._store = Store(url, self.url, options)
+        self._store = Store(
+            url,
+            self.url,
+            options,
+            unavailable_timeout=float(unavailable_timeout),
+            idle_timeout=float(idle_timeout),
+        )
         self._clock = clock or LoopClock()
         self._queues = tuple(QueueKeys.of(q) for q in dict.fromkeys(queues))
         self._known: dict[str, QueueKeys] = {k.queue: k for k in self._queues}
@@ -174,16 +215,21 @@ class RedisBroker:
         self._offset = 0.0  # the server's POSIX time minus clock time, seconds
         self._background: list[asyncio.Task[None]] = []
         self._waiting = Waiting(self._clock)
-        self._leases = Leases(self._store.connect_sync, lease=lease)
+        self._leases = Leases(self._store.connect_sync, lease=lease, outage=self._store.outage)
+        self._in_flight: Counter[str] = Counter()  # ids of submits not yet answered
         self._claimer = Claimer(
             claim=self._claim,
             release=self.release,
             block=self._wait_for_marker,
+            shrink=self._shrink_registration,
             pass_on=self._store.push_marker,
             clock=self._clock,
         )
+        self._submitting = 0  # enqueue calls in flight (see enqueue)
         self._refused = 0
         self._stats = BrokerStatistics(0, 0, 0, 0, None, {}, 0, 0)
+        self.global_limits = GlobalLimits(self._store, self._queues)
+        """Task types' limits across every worker of these queues (see ``_redis_limits``)."""
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -194,7 +240,7 @@ class RedisBroker:
         Calling it again (after `aclose`) opens the broker again.
 
         Raises:
-            BrokerUnavailable: Redis does not answer.
+            BrokerUnavailable: Redis did not answer within ``unavailable_timeout``.
         """
         if self._state is not _State.OPEN:
             await self._open()
@@ -218,7 +264,8 @@ class RedisBroker:
             if self._state is _State.OPEN:
                 return
             channels = [self._channel, *(k.cancel_channel for k in self._queues)]
-            server_time = await self._store.open(channels)
+            store = self._store
+            server_time = await store.patiently("connecting", partial(store.open, channels))
             self._offset = server_time - self._clock.now()
             self._state = _State.OPEN
             self._claimer.start()
@@ -229,6 +276,7 @@ class RedisBroker:
                 self._waiting,
                 self._leases.cancel_requested,
                 self._sweep,
+                outage=self._store.outage,
             )
             for coro, name in ((listener, "listener"), (self._maintain(), "recovery")):
                 task = loop.create_task(coro, name=f"taskprocessor-redis-{name}")
@@ -249,9 +297,7 @@ class RedisBroker:
         try:
             await self._claimer.aclose()
             tasks, self._background = self._background, []
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             await self._leases.stop()
         finally:
             await self._store.aclose()
@@ -318,6 +364,9 @@ class RedisBroker:
                 keys.ready,
                 keys.delayed,
                 task_key if unique_key is None else keys.unique(unique_key),
+                keys.leases,  # for a hand-off to an idle worker (see _redis_claim)
+                _idle_key(keys),
+                registry_key(keys),
             ],
             [
                 keys.prefix,
@@ -329,6 +378,8 @@ class RedisBroker:
                 self._channel,
                 max_attempts,
                 "" if unique_key is None else max(1, round(unique_for * 1000)),
+                record.name,  # name and key: read by the claim's global limits
+                "" if record.key is None else f"={record.key}",
             ],
         )
 
@@ -360,11 +411,18 @@ class RedisBroker:
             raise ConfigurationError("unique_for", unique_for, "seconds > 0")
         keys, args = self._enqueue_args(record, unique_key, unique_for)
         self._waiting.track(record)
+        # Alone, a submit goes out at once (a batch would cost a task switch first, on
+        # the submit-to-start path); submits made while one is in flight share a pipeline.
+        call = self._store.call_batched if self._submitting else self._store.call
+        self._submitting += 1
         try:
-            reply = await self._store.call_batched("enqueue", keys, args)
+            send = partial(call, "enqueue", keys, args)
+            reply = await self._sending([record], "submitting a task", send)
         except BaseException:
             self._waiting.untrack(record)
             raise
+        finally:
+            self._submitting -= 1
         await self._accepted(record, reply)
 
     async def enqueue_many(self, records: Iterable[TaskRecord], *, block: bool = True) -> None:
@@ -385,7 +443,8 @@ class RedisBroker:
                     self._store.scripts.queue(pipe, "enqueue", keys, args)
 
             try:
-                replies = await self._store.commands(fill)
+                send = partial(self._store.commands, fill)
+                replies = await self._sending(chunk, "submitting tasks", send)
             except BaseException:
                 for record in chunk:
                     self._waiting.untrack(record)
@@ -399,7 +458,8 @@ class RedisBroker:
             self._waiting.untrack(record)
             record.id = task_id
             self._waiting.track(record)
-        record.state = state
+        if not record.state.is_final:  # it may have run and ended before this reply came
+            record.state = state  # RUNNING: handed off to an idle worker, already leased
         if created and state is TaskState.QUEUED:
             self._claimer.nudge()  # a local idle claimer need not wait for the wake list
         elif not created and state.is_final:
@@ -421,10 +481,17 @@ class RedisBroker:
         return await self._claimer.reserve()
 
     async def _claim(self, count: int) -> tuple[list[TaskRecord], bool, float | None]:
-        """Lease up to ``count`` tasks, earlier queues first; say if the queues ran dry."""
+        """Lease up to ``count`` tasks, earlier queues first; say if the queues ran dry.
+
+        Ready tasks held back by a global limit count as dry: the next due time returned
+        is then also when the first of them may pass (a concurrency slot wakes the
+        claimer through the wake list instead).
+        """
         records: list[TaskRecord] = []
         drained = True
         next_due: float | None = None
+        if self.global_limits.pending:  # before the first claim: limits bind from the start
+            await self.global_limits.publish()
         now_ms = self._due_ms()
         for keys in self._queues:
             want = count - len(records)
@@ -433,8 +500,8 @@ class RedisBroker:
                 break
             reply = await self._call(
                 "reserve",
-                [keys.ready, keys.delayed, keys.leases],
-                [keys.prefix, want, now_ms, self._lease_ms, self._max_dead],
+                [keys.ready, keys.delayed, keys.leases, registry_key(keys)],
+                [keys.prefix, want, now_ms, self._lease_ms, self._max_dead, SCAN_WINDOW],
             )
             if reply[0]:
                 due = (float(reply[0]) - 1) / 1000 - self._offset  # see _due_ms
@@ -470,6 +537,7 @@ class RedisBroker:
             return None
         record = message.record_on(self._offset)
         record.state = _RUNNING
+        record.sort_key = -record.priority  # tasks parked in the process leave best first
         record.attempt = int(attempt)
         record.enqueued_at = int(ready_since) / 1000 - self._offset  # when it last became ready
         lease = Lease(record, keys, int(token))
@@ -479,8 +547,121 @@ class RedisBroker:
             asyncio.get_running_loop().call_soon(self._leases.notify, lease)
         return record
 
-    async def _wait_for_marker(self) -> bytes | None:
-        return await self._store.wait_for_marker([k.wake for k in self._queues], self._idle_timeout)
+    # -- hand-off to idle workers (see _redis_claim and lua/park.lua) --------------------
+
+    @property
+    def _worker(self) -> str:
+        """This broker's name among the idle workers of its queues."""
+        return self._channel.removeprefix("tp:reply:")
+
+    def _shares(self, slots: int) -> list[int]:
+        """Split idle slots over the queues, earlier ones first: never more in total."""
+        count = len(self._queues)
+        return [slots // count + (i < slots % count) for i in range(count)]
+
+    async def _wait_for_marker(self, slots: int) -> Wake:
+        """Register ``slots`` idle slots, then block for a hand-off or a wake marker.
+
+        One round trip: the registrations (``park``) and the BLPOP on this worker's
+        inboxes, then the wake lists, go in one pipeline. Tasks already in an inbox
+        come back with the registration.
+        """
+        worker = self._worker
+        ttl_ms = round((self._idle_timeout + _REGISTRATION_MARGIN) * 1000)
+        parks = [
+            ([_idle_key(keys)], [keys.prefix, worker, share, ttl_ms, self._lease_ms])
+            for keys, share in zip(self._queues, self._shares(slots), strict=True)
+        ]
+        inboxes = {_inbox_key(keys, worker).encode(): keys for keys in self._queues}
+        sent = time.monotonic()
+        parked, popped = await self._store.wait_for_marker(
+            parks,
+            [*(k.decode() for k in inboxes), *(k.wake for k in self._queues)],
+            self._idle_timeout,
+        )
+        # An upper bound on the server's clock from here on: the scripts ran after `sent`.
+        server_ms = min((int(r[0]) for r in parked if r is not None), default=None)
+        fresh = _Freshness(server_ms, sent, self._lease_ms)
+        records: list[TaskRecord] = []
+        registered = 0
+        for keys, reply in zip(self._queues, parked, strict=True):
+            if reply is not None:
+                registered += int(reply[1])
+                for item in reply[2:]:
+                    await self._take_handed_off(keys, item, fresh, records)
+        if popped is None:
+            return Wake(records, None, claim=True, slots=registered)  # the idle timeout
+        key, item = popped
+        inbox = inboxes.get(key)
+        if inbox is None:
+            return Wake(records, key, claim=True, slots=registered)  # a wake marker
+        if len(item) <= 1:  # '.': the registration brought tasks; '!': we stopped waiting
+            return Wake(records, None, claim=item == b"!", slots=registered)
+        await self._take_handed_off(inbox, item, fresh, records)
+        return Wake(records, None, claim=False, slots=max(0, registered - 1))
+
+    async def _take_handed_off(
+        self, keys: QueueKeys, item: bytes, fresh: _Freshness, into: list[TaskRecord]
+    ) -> None:
+        """Hold a task leased to this worker by a submit (see ``lua/enqueue.lua``).
+
+        Its lease is renewed first (token checked) unless at least half its term is
+        surely left: a task whose lease was taken back while it sat in the inbox (this
+        process was stalled, or taken for dead) runs elsewhere and is dropped here.
+        """
+        head, _, rest = item.partition(b"\n")
+        token, deadline, attempt, ready_since, length = head.split(b" ")
+        task_id_raw, body = rest[: int(length)], rest[int(length) :]
+        task_id = task_id_raw.decode()
+        cancel = b""
+        try:
+            if not fresh.holds(int(deadline)):
+                lost, cancelled = await self._call(
+                    "extend", [keys.leases], [keys.prefix, self._lease_ms, task_id, token]
+                )
+                if lost:
+                    logger.warning(
+                        "task %s of queue %r was handed to this worker but its lease was taken "
+                        "back before it could start (this process stalled for longer than the "
+                        "lease); it runs elsewhere",
+                        task_id,
+                        keys.queue,
+                    )
+                    return
+                cancel = b"1" if cancelled else b""
+            record = await self._admit(
+                keys, [task_id_raw, body, attempt, token, ready_since, cancel]
+            )
+        except BrokerError as exc:  # its lease expires and recovery takes it back
+            logger.warning("could not take task %s handed to this worker: %s", task_id, exc)
+            return
+        if record is not None:
+            into.append(record)
+
+    async def _shrink_registration(self, cap: int) -> None:
+        """Register at most ``cap`` idle slots; with 0, stop waiting (see ``lua/unpark.lua``).
+
+        Stopping hands the tasks still in this worker's inboxes back to their queue
+        positions and ends a pending blocking wait.
+        """
+        worker = self._worker
+        ttl_ms = round((self._idle_timeout + _REGISTRATION_MARGIN) * 1000)
+        stop = "1" if cap <= 0 else ""
+        for keys, share in zip(self._queues, self._shares(cap), strict=True):
+            back = await self._call(
+                "unpark",
+                [_idle_key(keys), keys.leases, keys.ready],
+                [keys.prefix, worker, share, ttl_ms, stop],
+            )
+            for raw in back:
+                record = self._waiting.get(raw.decode())
+                if record is not None:
+                    self._waiting.mark(record.id, TaskState.QUEUED, record.attempt)
+
+    @property
+    def handoffs(self) -> int:
+        """Tasks handed to this worker by submits while it was idle (no claim needed)."""
+        return self._claimer.handoffs
 
     # -- acknowledging -------------------------------------------------------------
 
@@ -499,10 +680,14 @@ class RedisBroker:
         `PayloadError` instead. An ack whose lease was taken back (the task was
         recovered: another attempt owns its outcome) is refused and logged.
 
+        While Redis does not answer the ack is retried, with backoff, until the lease
+        runs out (an ack is idempotent per lease, and fenced by its token).
+
         Raises:
             ValueError: ``record`` is not reserved through this broker.
-            BrokerUnavailable: Redis cannot be reached (the lease stays held, so the
-                ack may be tried again).
+            BrokerUnavailable: Redis did not answer before the lease ran out: the
+                outcome is not recorded, the lease is dropped, and lease recovery runs
+                the task again once Redis answers.
         """
         lease = self._leases.take(record)
         try:
@@ -527,28 +712,26 @@ class RedisBroker:
                 limit=_UNBOUNDED,
             )
         keys = lease.keys
-        try:
-            reply = await self._store.call_batched(
-                "ack",
-                [keys.task(record.id), keys.leases],
-                [
-                    keys.prefix,
-                    record.id,
-                    lease.token,
-                    state.value,
-                    data,
-                    self._result_ttl_ms,
-                    dead_letter or "",
-                    self._max_dead,
-                ],
-            )
-        except BaseException:
-            self._leases.restore(lease)  # an ack is idempotent per lease: it may be retried
-            raise
+        reply = await self._settle_lease(
+            lease,
+            f"recorded as {state.value}",
+            "ack",
+            [keys.task(record.id), keys.leases],
+            [
+                keys.prefix,
+                record.id,
+                lease.token,
+                state.value,
+                data,
+                self._result_ttl_ms,
+                dead_letter or "",
+                self._max_dead,
+            ],
+        )
         if int(reply[0]) == 0:
             self._refuse(record, f"recorded as {state.value}", reply[1])
             return
-        for dropped in reply[1:]:
+        for dropped in reply[1:] if int(reply[0]) == 1 else ():  # 2: a repeated ack
             logger.warning(
                 "the dead letters of queue %r passed their bound of %d: dropped %s",
                 keys.queue,
@@ -574,22 +757,13 @@ class RedisBroker:
 
     async def _hand_back(self, lease: Lease, attempt: str, due: int | str) -> None:
         record, keys = lease.record, lease.keys
-        try:
-            reply = await self._store.call_batched(
-                "retry",
-                [keys.task(record.id), keys.leases, keys.ready, keys.delayed],
-                [
-                    keys.prefix,
-                    record.id,
-                    lease.token,
-                    attempt,
-                    due,
-                    self._wall_ms(self._clock.now()),
-                ],
-            )
-        except BaseException:
-            self._leases.restore(lease)
-            raise
+        reply = await self._settle_lease(
+            lease,
+            "retried" if attempt else "released",
+            "retry",
+            [keys.task(record.id), keys.leases, keys.ready, keys.delayed],
+            [keys.prefix, record.id, lease.token, attempt, due, self._wall_ms(self._clock.now())],
+        )
         if int(reply[0]) == 0:
             self._refuse(record, "retried" if attempt else "released", reply[1])
             return
@@ -597,6 +771,56 @@ class RedisBroker:
         self._waiting.mark(record.id, record.state, record.attempt)
         if record.state is TaskState.QUEUED:
             self._claimer.nudge()
+
+    async def _settle_lease(
+        self, lease: Lease, what: str, script: str, keys: list[str], args: list[Any]
+    ) -> Any:
+        """Run a script that ends or hands back a lease, retried until the lease runs out.
+
+        A failure while the lease may still be ours keeps it held, so that the call
+        can be tried again. Once it ran out, lease recovery owns the task: the lease is
+        dropped (no heartbeat may revive it) and the error says so.
+        """
+        record = lease.record
+        try:
+            return await self._store.patiently(
+                f"task {record.id} was {what}",
+                partial(self._store.call_batched, script, keys, args),
+                deadline=lease.deadline,
+            )
+        except BrokerUnavailable as exc:
+            if time.monotonic() < lease.deadline:
+                self._leases.restore(lease)
+                raise
+            raise BrokerUnavailable(
+                f"task {record.id} ({record.name}) was not {what}: Redis at {self.url} did "
+                f"not answer before its lease ran out ({root_cause(exc)}). Lease recovery "
+                "runs the task again once Redis answers (delivery is at-least-once)."
+            ) from exc
+        except BaseException:
+            self._leases.restore(lease)  # idempotent per lease and fenced: may be retried
+            raise
+
+    async def _sending(
+        self, records: Sequence[TaskRecord], what: str, send: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Submit through ``send``, retried while Redis does not answer.
+
+        Until it returns, the records' ids count as in flight: a sweep meanwhile must
+        not take a task that is not in Redis yet for one that Redis lost.
+        """
+        in_flight = self._in_flight
+        for record in records:
+            in_flight[record.id] += 1
+        try:
+            return await self._store.patiently(what, send)
+        finally:
+            for record in records:
+                left = in_flight[record.id] - 1
+                if left > 0:
+                    in_flight[record.id] = left
+                else:
+                    del in_flight[record.id]
 
     def _refuse(self, record: TaskRecord, what: str, now: bytes) -> None:
         self._refused += 1
@@ -612,9 +836,41 @@ class RedisBroker:
     # -- outcomes for producers ------------------------------------------------------
 
     async def _sweep(self) -> None:
-        """Settle local records of tasks that ended while no message could reach us."""
-        for task_id in self._waiting.ids():
-            await self._refresh(task_id)
+        """Settle local records of tasks that ended while no message could reach us.
+
+        One pipelined read per 1000 tasks waited for. A task whose submit Redis had
+        answered but that Redis no longer knows was lost with it (a restart without
+        persistence): its records are settled FAILED, saying so, not waited for forever.
+        """
+        waiting = self._waiting
+        # Submits in flight are not judged: their task may not be in Redis yet.
+        ids = [i for i in waiting.ids() if i not in self._in_flight]
+        for start in range(0, len(ids), _CHUNK):
+            chunk: list[tuple[str, QueueKeys]] = []
+            for task_id in ids[start : start + _CHUNK]:
+                record = waiting.get(task_id)
+                if record is not None:
+                    chunk.append((task_id, self._keys(record.queue)))
+
+            def fill(pipe: Any, calls: list[tuple[str, QueueKeys]] = chunk) -> None:
+                for task_id, keys in calls:
+                    self._store.scripts.queue(pipe, "get", [keys.task(task_id)], [self._channel])
+
+            replies = await self._store.commands(fill)
+            for (task_id, _), reply in zip(chunk, replies, strict=True):
+                if reply is not None:
+                    waiting.absorb(task_id, reply, self._offset)
+                    continue
+                record = waiting.get(task_id)
+                if record is not None and task_id not in self._in_flight:
+                    logger.warning(
+                        "task %s (%s) is no longer in Redis at %s: lost with a restart "
+                        "that did not persist it; its result() raises",
+                        task_id,
+                        record.name,
+                        self.url,
+                    )
+                    waiting.settle(lost_outcome(task_id, record.attempt, self.url))
 
     async def _refresh(self, task_id: str) -> TaskRecord | None:
         """Read a task from Redis into its local record (watching it while unfinished)."""
@@ -642,10 +898,14 @@ class RedisBroker:
         """
         await self._ensure_open()
         for keys in list(self._known.values()):
-            reply = await self._call(
-                "cancel",
-                [keys.task(task_id), keys.ready, keys.delayed],
-                [keys.prefix, task_id, self._result_ttl_ms, keys.cancel_channel, "cancelled"],
+            reply = await self._store.patiently(
+                f"cancelling task {task_id}",
+                partial(
+                    self._call,
+                    "cancel",
+                    [keys.task(task_id), keys.ready, keys.delayed],
+                    [keys.prefix, task_id, self._result_ttl_ms, keys.cancel_channel, "cancelled"],
+                ),
             )
             if reply is None:
                 continue
@@ -714,11 +974,15 @@ class RedisBroker:
         return requeued, dead, cancelled
 
     async def _maintain(self) -> None:
-        while True:
+        while self._state is _State.OPEN:
             await self._clock.sleep(self._recover_interval)
             try:
                 await self.recover()
                 await self.refresh_statistics()
+            except ProcessorClosed:
+                return  # closed while a cancel was lost inside redis-py (see cancel_and_wait)
+            except BrokerUnavailable as exc:
+                self._store.outage.lost(exc)  # logged once per outage; tried again later
             except BrokerError as exc:
                 logger.warning("lease recovery on %s failed; trying again later: %s", self.url, exc)
 
@@ -730,7 +994,9 @@ class RedisBroker:
         The record returned is settled when the task ends, like a producer's own.
         """
         await self._ensure_open()
-        return await self._refresh(task_id)
+        return await self._store.patiently(
+            f"reading task {task_id}", partial(self._refresh, task_id)
+        )
 
     async def dead_letters(self) -> list[TaskRecord]:
         """Return the dead letters of this broker's queues, oldest first (queue by queue)."""
@@ -835,6 +1101,93 @@ class RedisBroker:
             f"dead={stats.dead_letters}>"
         )
 
+    # -- choosing queues, and what the command line's inspect reads ----------------------
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """The queues this broker consumes, earlier ones first."""
+        return tuple(k.queue for k in self._queues)
+
+    def with_queues(self, queues: Sequence[str]) -> RedisBroker:
+        """Return a new, unopened broker with these settings consuming ``queues`` instead.
+
+        The new broker connects with the real URL (password included, which `url`
+        masks), the same connection options and the same lease, TTL, payload,
+        attempt and recovery settings; it has its own connections and reply channel.
+        This broker is left as it is.
+
+        Args:
+            queues: The queues to consume, earlier ones first.
+
+        Raises:
+            ConfigurationError: ``queues`` is empty or names a queue badly.
+        """
+        options = dict(self._store._options)
+        generated = self._channel.removeprefix("tp:reply:")
+        if options.get("client_name") == generated:
+            del options["client_name"]  # the new broker names itself (and its reply channel)
+        broker = RedisBroker(
+            self._store._url,  # the real URL: `url` masks the password
+            queues=queues,
+            lease=self._lease_ms / 1000,
+            result_ttl=self._result_ttl_ms / 1000,
+            max_payload=self._max_payload,
+            max_attempts=self._max_attempts,
+            max_dead_letters=self._max_dead,
+            clock=self._clock,
+            recover_interval=self._recover_interval,
+            idle_timeout=self._idle_timeout,
+            unavailable_timeout=self._store.unavailable_timeout,
+            connection_options=options,
+        )
+        broker._task_attempts = dict(self._task_attempts)  # per-task bounds given so far
+        return broker
+
+    async def statistics_by_queue(self) -> dict[str, BrokerStatistics]:
+        """Read fresh counts of each queue this broker consumes, in its order."""
+        await self._ensure_open()
+        due = self._due_ms()
+        return {k.queue: await self._store.statistics([k], due) for k in self._queues}
+
+    async def running_tasks(self, limit: int = 100) -> list[RunningTask]:
+        """Return up to ``limit`` leased tasks per queue, soonest lease deadline first.
+
+        A worker renews its leases every third of ``lease`` seconds, so a deadline in
+        the past is a task whose worker was lost; `recover` takes it back.
+        """
+        _check_int("limit", limit, 1)
+        await self._ensure_open()
+        found: list[RunningTask] = []
+        now = self._clock.now() + self._offset
+        for keys in self._queues:
+
+            def lease_range(pipe: Any, key: str = keys.leases) -> None:
+                pipe.zrange(key, 0, limit - 1, withscores=True)
+
+            [leased] = await self._store.commands(lease_range)
+            if not leased:
+                continue
+
+            def fill(pipe: Any, k: QueueKeys = keys, ids: list[Any] = leased) -> None:
+                for raw, _ in ids:
+                    pipe.hmget(k.task(raw.decode()), "body", "attempt", "worker")
+
+            rows = await self._store.commands(fill)
+            for (raw, deadline_ms), (body, attempt, worker) in zip(leased, rows, strict=True):
+                task_id = raw.decode()
+                record = decode_stored(body or b"", task_id=task_id, offset=self._offset)
+                found.append(
+                    RunningTask(
+                        id=task_id,
+                        name=record.name,
+                        queue=keys.queue,
+                        attempt=int(attempt or 0),
+                        lease_expires_in=float(deadline_ms) / 1000 - now,
+                        worker=worker.decode() if worker else None,
+                    )
+                )
+        return found
+
 
 def _check_queue_name(queue: object) -> None:
     if not isinstance(queue, str) or not queue or any(c in queue for c in "{}\n "):
@@ -846,6 +1199,62 @@ def _check_int(setting: str, value: object, minimum: int) -> None:
         raise ConfigurationError(setting, value, f"an integer >= {minimum}")
 
 
+def _idle_key(keys: QueueKeys) -> str:
+    """The ZSET of a queue's idle workers (see ``lua/park.lua``)."""
+    return f"{keys.prefix}idle"
+
+
+def _inbox_key(keys: QueueKeys, worker: str) -> str:
+    """The LIST of tasks handed off to one worker on a queue."""
+    return f"{keys.prefix}inbox:{worker}"
+
+
+@final
+class _Freshness:
+    """Whether a handed-off lease surely has half its term left, on the server's clock.
+
+    ``server_ms`` is the server's clock when the registration ran, after ``sent``
+    (``time.monotonic``, real time like the server's: the injectable clock may be a
+    fake), so it plus the time since ``sent`` bounds the server's clock from above.
+    """
+
+    __slots__ = ("_lease_ms", "_sent", "_server_ms")
+
+    def __init__(self, server_ms: int | None, sent: float, lease_ms: int) -> None:
+        self._server_ms = server_ms
+        self._sent = sent
+        self._lease_ms = lease_ms
+
+    def holds(self, deadline_ms: int) -> bool:
+        if self._server_ms is None:  # the registration failed: no clock to go by
+            return False
+        now_ms = self._server_ms + (time.monotonic() - self._sent) * 1000
+        return deadline_ms - now_ms >= self._lease_ms / 2
+
+
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("Redis broker task %s crashed", task.get_name(), exc_info=task.exception())
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RunningTask:
+    """A task that a worker holds a lease on (see `RedisBroker.running_tasks`).
+
+    Attributes:
+        id: The task's id.
+        name: The task type.
+        queue: Its queue.
+        attempt: Attempts used before this one.
+        lease_expires_in: Seconds until the lease runs out unless renewed; negative
+            once it has (its worker was lost and recovery will take the task back).
+        worker: The worker holding the lease, when the reserve recorded one.
+    """
+
+    id: str
+    name: str
+    queue: str
+    attempt: int
+    lease_expires_in: float
+    worker: str | None

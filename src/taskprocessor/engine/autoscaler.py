@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, final
 
-from taskprocessor.errors import ConfigurationError
+from taskprocessor.errors import BrokerError, ConfigurationError, ProcessorClosed
 
 if TYPE_CHECKING:
     from taskprocessor.brokers.base import Broker
@@ -64,15 +64,17 @@ class Autoscale:
                 self.max_workers,
                 f"an integer >= min_workers ({self.min_workers})",
             )
-        if not self.backlog_per_worker > 0:
+        if not _real(self.backlog_per_worker) or not self.backlog_per_worker > 0:
             raise ConfigurationError("backlog_per_worker", self.backlog_per_worker, "a number > 0")
-        if self.max_queue_wait is not None and not self.max_queue_wait > 0:
+        if self.max_queue_wait is not None and not (
+            _real(self.max_queue_wait) and self.max_queue_wait > 0
+        ):
             raise ConfigurationError("max_queue_wait", self.max_queue_wait, "seconds > 0 or None")
-        if not self.interval > 0:
-            raise ConfigurationError("interval", self.interval, "seconds > 0")
+        if not _real(self.interval) or not 0 < self.interval < math.inf:
+            raise ConfigurationError("interval", self.interval, "finite seconds > 0")
         for name in ("up_cooldown", "down_cooldown"):
             value = getattr(self, name)
-            if not value >= 0:
+            if not _real(value) or not value >= 0:
                 raise ConfigurationError(name, value, "seconds >= 0")
 
     def desired(
@@ -105,6 +107,11 @@ class Autoscale:
         return max(self.min_workers, min(self.max_workers, workers))
 
 
+def _real(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool, which is a slip for a number)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _not_int(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
 
@@ -114,7 +121,11 @@ async def run_autoscaler(pool: WorkerPool, broker: Broker, policy: Autoscale, cl
     last_change = float("-inf")  # no change yet: no cooldown holds the first decision
     while True:
         await clock.sleep(policy.interval)
-        queued, _ = await broker.depth()
+        try:
+            queued, _ = await broker.depth()
+        except BrokerError as exc:  # Redis unreachable, say: keep the size, ask again later
+            logger.debug("autoscaler: could not read the backlog; trying again later: %s", exc)
+            continue
         now = clock.now()
         workers = pool.size
         target = policy.desired(
@@ -126,5 +137,8 @@ async def run_autoscaler(pool: WorkerPool, broker: Broker, policy: Autoscale, cl
         )
         if target != workers:
             logger.info("autoscaler: %d -> %d workers (backlog %d)", workers, target, queued)
-            await pool.scale(target)
+            try:
+                await pool.scale(target)
+            except ProcessorClosed:  # the pool began to stop while the backlog was read
+                return
             last_change = now

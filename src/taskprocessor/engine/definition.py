@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, final
 
 from taskprocessor.engine.middleware import Hooks, Middleware
@@ -16,7 +17,7 @@ from taskprocessor.resilience.ratelimit import RateLimit
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import TaskContext, validate_priority
 
-__all__ = ["SUBMIT_OPTIONS", "TaskDefinition", "check_timeout"]
+__all__ = ["SCOPES", "SUBMIT_OPTIONS", "Limits", "TaskDefinition", "check_timeout"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,27 @@ logger = logging.getLogger(__name__)
 SUBMIT_OPTIONS: Final = frozenset({"priority", "delay", "eta", "key", "ttl", "timeout", "block"})
 
 KeyFunction = Callable[..., str]
+
+SCOPES: Final = ("local", "global")
+"""Where a task type's rate and concurrency limits hold: in each process, or across all."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The rate and concurrency limits a task type declares (None: no such limit).
+
+    Attributes:
+        rate_limit: Starts per period of the type.
+        key_rate_limit: Starts per period of each concurrency key.
+        concurrency: Tasks of the type running at once.
+        key_concurrency: Tasks running at once per concurrency key.
+    """
+
+    rate_limit: RateLimit | None = None
+    key_rate_limit: RateLimit | None = None
+    concurrency: int | None = None
+    key_concurrency: int | None = None
 
 
 def check_timeout(setting: str, value: float | None) -> float | None:
@@ -46,8 +68,9 @@ def _check_limit(setting: str, value: int | None) -> int | None:
 
 def _stages(
     *,
-    rate_limit: RateLimit | str | None,
-    key_rate_limit: RateLimit | str | None,
+    rate_limit: RateLimit | None,
+    key_rate_limit: RateLimit | None,
+    scope: str,
     breaker: CircuitBreaker | None,
     key_breaker: Callable[[str], CircuitBreaker] | None,
     breaker_fail_fast: bool,
@@ -66,10 +89,9 @@ def _stages(
             )
         stages.append(BreakerStage(key_breaker, fail_fast=breaker_fail_fast))
     if rate_limit is not None:
-        stages.append(RateLimitStage(as_rate_limit("rate_limit", rate_limit)))
+        stages.append(RateLimitStage(rate_limit, scope=scope))
     if key_rate_limit is not None:
-        limit = as_rate_limit("key_rate_limit", key_rate_limit)
-        stages.append(RateLimitStage(limit, per_key=True))
+        stages.append(RateLimitStage(key_rate_limit, per_key=True, scope=scope))
     if adaptive is not None:
         if not hasattr(adaptive, "on_sample") or not hasattr(adaptive, "limit"):
             raise ConfigurationError("adaptive", adaptive, "an AIMD or Gradient2 limit")
@@ -103,8 +125,16 @@ class TaskDefinition:
         timeout: Default run timeout per attempt in seconds, or None.
         ttl: Default queue time-to-live in seconds, or None.
         retry: The retry policy.
-        concurrency: At most this many running at once in this process, or None.
-        key_concurrency: At most this many running at once per key, or None.
+        limits: The declared rate and concurrency limits.
+        scope: ``"local"``: ``limits`` hold in each process; ``"global"``: across every
+            process sharing the queue, when the broker can enforce that (Redis can; with
+            the in-memory broker one process is the whole system, so they hold in it).
+        distributed: Whether the broker enforces ``limits`` across processes (set by
+            the processor from its broker; only for ``scope="global"``).
+        concurrency: At most this many running at once in this process, or None (also
+            while the broker enforces a global one).
+        key_concurrency: At most this many running at once per key in this process,
+            or None.
         key: Computes the concurrency key from the handler's arguments.
         queue: The queue the tasks go to.
         middleware: Middleware of this task type (the processor's come first).
@@ -117,16 +147,19 @@ class TaskDefinition:
         "admitters",
         "concurrency",
         "cpu_bound",
+        "distributed",
         "fn",
         "hooks",
         "is_async",
         "key",
         "key_concurrency",
+        "limits",
         "middleware",
         "name",
         "priority",
         "queue",
         "retry",
+        "scope",
         "signature",
         "takes_context",
         "timeout",
@@ -155,6 +188,7 @@ class TaskDefinition:
         key_breaker: Callable[[str], CircuitBreaker] | None = None,
         breaker_fail_fast: bool = False,
         adaptive: AdaptiveLimit | None = None,
+        scope: str = "local",
     ) -> None:
         if not callable(fn):
             raise ConfigurationError("fn", fn, "a function or coroutine function")
@@ -201,8 +235,25 @@ class TaskDefinition:
                 raise ConfigurationError("retries", retries, "an integer >= 0")
             retry = RetryPolicy(max_attempts=retries + 1)
         self.retry = retry
-        self.concurrency = _check_limit("concurrency", concurrency)
-        self.key_concurrency = _check_limit("key_concurrency", key_concurrency)
+        if scope not in SCOPES:
+            raise ConfigurationError(
+                "scope",
+                scope,
+                "'local' (limits hold in each process) or 'global' (across every worker "
+                "process of the queue, enforced by the broker)",
+            )
+        self.scope = scope
+        self.distributed = False
+        self.limits = Limits(
+            rate_limit=None if rate_limit is None else as_rate_limit("rate_limit", rate_limit),
+            key_rate_limit=None
+            if key_rate_limit is None
+            else as_rate_limit("key_rate_limit", key_rate_limit),
+            concurrency=_check_limit("concurrency", concurrency),
+            key_concurrency=_check_limit("key_concurrency", key_concurrency),
+        )
+        self.concurrency = self.limits.concurrency
+        self.key_concurrency = self.limits.key_concurrency
         if key is not None and not callable(key):
             raise ConfigurationError("key", key, "a function of the task's arguments")
         self.key = key
@@ -212,8 +263,9 @@ class TaskDefinition:
         self.middleware = (
             *middleware,
             *_stages(
-                rate_limit=rate_limit,
-                key_rate_limit=key_rate_limit,
+                rate_limit=self.limits.rate_limit,
+                key_rate_limit=self.limits.key_rate_limit,
+                scope=scope,
                 breaker=breaker,
                 key_breaker=key_breaker,
                 breaker_fail_fast=breaker_fail_fast,
@@ -223,10 +275,32 @@ class TaskDefinition:
         self.hooks = Hooks(self.middleware)
         self.admitters = self.hooks.admitters()
 
+    def distribute(self, enforced: bool) -> None:
+        """Say whether the broker enforces this type's ``scope="global"`` limits.
+
+        The processor calls this with its broker's answer when it registers the task
+        (and when the broker is replaced); `activate` then leaves the in-process rate
+        and concurrency limits out, so no limit applies twice.
+        """
+        self.distributed = enforced and self.scope == "global"
+
     def activate(self) -> None:
-        """Resolve the hooks again, leaving out middleware whose `enabled` says no."""
+        """Resolve the hooks again, leaving out middleware whose `enabled` says no.
+
+        Limits the broker enforces across processes (see `distribute`) are left out of
+        the in-process stages and bulkheads.
+        """
+        distributed = self.distributed
+        self.concurrency = None if distributed else self.limits.concurrency
+        self.key_concurrency = None if distributed else self.limits.key_concurrency
         active = []
         for middleware in self.middleware:
+            if (
+                distributed
+                and isinstance(middleware, RateLimitStage)
+                and middleware.scope == "global"
+            ):
+                continue  # the broker enforces it across processes
             try:
                 if middleware.enabled():
                     active.append(middleware)

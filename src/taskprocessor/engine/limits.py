@@ -6,11 +6,18 @@ key) finishes, the best parked task is handed back to the broker in its original
 queue position and competes again on priority. A parked task that is cancelled leaves
 at once (`remove_parked`); one handed back and then cancelled in the queue passes its
 turn to the next parked task (`vanished`).
+
+These bulkheads hold in one process. A task type declared with ``scope="global"`` on a
+broker that enforces limits across processes (Redis) is limited there instead, as the
+broker hands tasks out (see ``taskprocessor.brokers._redis_limits``); its definition's
+``concurrency`` and ``key_concurrency`` then read None in the process, so it never
+reaches this class.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from typing import Final, final
 
 from taskprocessor.engine.definition import TaskDefinition
@@ -18,8 +25,11 @@ from taskprocessor.task import TaskRecord
 
 __all__ = ["ConcurrencyLimits"]
 
-_Parked = list[tuple[float, int, TaskRecord]]
+_Parked = list[tuple[float, int, int, TaskRecord]]
 _MISSING: Final = object()
+# Breaks ties in the parked heaps: records read from Redis may share sort_key and seq,
+# and a heap that reached the records themselves would raise TypeError.
+_parked_order = itertools.count()
 
 
 @final
@@ -57,7 +67,7 @@ class ConcurrencyLimits:
         for limit_id, limit in slots:
             if active.get(limit_id, 0) >= limit:
                 parked = self._parked.setdefault(limit_id, [])
-                heapq.heappush(parked, (record.sort_key, record.seq, record))
+                heapq.heappush(parked, (record.sort_key, record.seq, next(_parked_order), record))
                 return False
         for limit_id, _ in slots:
             active[limit_id] = active.get(limit_id, 0) + 1
@@ -80,7 +90,7 @@ class ConcurrencyLimits:
         parked = self._parked.get(limit_id)
         if not parked:
             return []
-        record = heapq.heappop(parked)[2]
+        record = heapq.heappop(parked)[3]
         if not parked:
             del self._parked[limit_id]
         self._woken[record.id] = limit_id
@@ -103,18 +113,18 @@ class ConcurrencyLimits:
         """Take a parked task out (it was cancelled); None if it is not parked."""
         for limit_id, parked in self._parked.items():
             for index, entry in enumerate(parked):
-                if entry[2].id == task_id:
+                if entry[3].id == task_id:
                     parked[index] = parked[-1]
                     parked.pop()
                     heapq.heapify(parked)
                     if not parked:
                         del self._parked[limit_id]
-                    return entry[2]
+                    return entry[3]
         return None
 
     def take_parked(self) -> list[TaskRecord]:
         """Remove and return every parked task (for shutdown, to hand them back)."""
-        records = [entry[2] for parked in self._parked.values() for entry in parked]
+        records = [entry[3] for parked in self._parked.values() for entry in parked]
         self._parked.clear()
         self._woken.clear()
         return records

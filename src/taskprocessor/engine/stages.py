@@ -9,6 +9,11 @@ in this fixed order, after the processor's own middleware::
 
 A breaker comes first because refusing is cheapest there, and a deferred task takes
 no rate-limit token; the static concurrency limits (``concurrency=``) come last.
+
+These stages limit one process. A task type declared with ``scope="global"`` on a
+broker shared by several processes (Redis) is limited by the broker instead, while it
+claims tasks (see ``taskprocessor.brokers._redis_limits``): its rate limit stages are
+then left out (`TaskDefinition.activate`), so no limit applies twice.
 """
 
 from __future__ import annotations
@@ -39,7 +44,10 @@ def as_rate_limit(setting: str, value: object) -> RateLimit:
     if isinstance(value, RateLimit):
         return value
     if isinstance(value, str):
-        return RateLimit.parse(value)
+        try:
+            return RateLimit.parse(value)
+        except ConfigurationError as exc:  # name the option the user set, not "rate limit"
+            raise ConfigurationError(setting, value, exc.expected) from None
     raise ConfigurationError(setting, value, "a RateLimit or a string such as '100/s'")
 
 
@@ -50,11 +58,22 @@ class RateLimitStage(Middleware):
     A task over the limit books the next free slot and is parked until then without
     holding a worker; it is never failed because of its own limit. Tasks parked on one
     limiter start best priority first, one per slot.
+
+    ``scope="global"`` marks a stage that stands in for a broker-enforced limit: the
+    task definition leaves it out while its broker enforces the limit across processes.
     """
 
-    def __init__(self, limit: RateLimit, *, per_key: bool = False, max_keys: int = 10_000) -> None:
+    def __init__(
+        self,
+        limit: RateLimit,
+        *,
+        per_key: bool = False,
+        max_keys: int = 10_000,
+        scope: str = "local",
+    ) -> None:
         self.limit = limit
         self.per_key = per_key
+        self.scope = scope
         self._single = None if per_key else GCRA(limit)
         self._keyed = KeyedGCRA(limit, max_keys=max_keys) if per_key else None
 
@@ -79,8 +98,8 @@ class RateLimitStage(Middleware):
             self._single.refund(now)
 
     def __repr__(self) -> str:
-        scope = "per key" if self.per_key else "per task type"
-        return f"<RateLimitStage {self.limit.rate:g}/{self.limit.per:g}s {scope}>"
+        per = "per key" if self.per_key else "per task type"
+        return f"<RateLimitStage {self.limit.rate:g}/{self.limit.per:g}s {per} {self.scope}>"
 
 
 @final

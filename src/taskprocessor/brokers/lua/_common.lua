@@ -102,3 +102,45 @@ local function outcome_json(id, state, attempt, error_fields, dead_reason)
     dead_letter = dead_reason,
   })
 end
+
+-- Global limits (see _redis_limits.py). A claim records in the task hash what its lease
+-- holds: concurrency counters (lc, lk) and rate limit tokens ('<interval_us> <key>' in
+-- lr, lq). The script that ends the lease gives them back once; a release (the task
+-- never started) also refunds the tokens. A freed slot wakes an idle worker process, as
+-- tasks held back by a full concurrency limit wait for nothing else.
+local LIMIT_FIELDS = {'lc', 'lk', 'lr', 'lq'}
+
+local function release_limits(prefix, h, refund)
+  local f = redis.call('HMGET', h, unpack(LIMIT_FIELDS))
+  if not (f[1] or f[2] or f[3] or f[4]) then
+    return
+  end
+  redis.call('HDEL', h, unpack(LIMIT_FIELDS))
+  for i = 1, 2 do
+    if f[i] and redis.call('DECR', f[i]) <= 0 then
+      redis.call('DEL', f[i])
+    end
+  end
+  if (f[1] or f[2]) and redis.call('EXISTS', prefix .. 'ready') == 1 then
+    wake(prefix)
+  end
+  if refund and (f[3] or f[4]) then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    for i = 3, 4 do
+      if f[i] then
+        local space = string.find(f[i], ' ', 1, true)
+        local key = string.sub(f[i], space + 1)
+        local tat = tonumber(redis.call('GET', key))
+        if tat then
+          tat = tat - tonumber(string.sub(f[i], 1, space - 1))
+          if tat <= now then
+            redis.call('DEL', key)
+          else
+            redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+          end
+        end
+      end
+    end
+  end
+end

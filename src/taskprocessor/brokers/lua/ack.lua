@@ -18,6 +18,7 @@ if f[1] ~= 'running' then
   return {0, f[1]}
 end
 redis.call('ZREM', leases, id)
+release_limits(prefix, h, false)
 if dead_reason ~= '' then
   local dropped = bury(prefix, h, id, state, outcome, dead_reason, max_dead)
   return {1, unpack(dropped)}

@@ -21,6 +21,7 @@ for _, id in ipairs(expired) do
     local attempt = redis.call('HINCRBY', h, 'attempt', 1)
     local lost = redis.call('HINCRBY', h, 'lost', 1)
     redis.call('HDEL', h, 'token')
+    release_limits(prefix, h, false) -- the attempt may have started: its tokens are spent
     local max_lost = math.max(tonumber(f[3]) or 0, 3)
     if f[2] then
       local outcome = outcome_json(id, 'cancelled', attempt, {kind = 'cancelled', reason = 'cancelled'})

@@ -1,10 +1,13 @@
--- Claim up to n tasks: promote due delayed tasks, pop the n best ready ids, lease them.
--- KEYS: ready, delayed, leases
--- ARGV: prefix, n, now_ms (producer clock, for delays), lease_ms, max_dead
--- Returns {next_due_ms or '', popped, id, body, attempt, token, ready_since_ms, cancel, ...}:
--- popped counts ids taken from ready, including any without a body (dead-lettered here).
+-- Claim up to n tasks: promote due delayed tasks, take the n best ready ids that every
+-- global limit admits, lease them.
+-- KEYS: ready, delayed, leases, limits (task name -> global limits; see _redis_limits.py)
+-- ARGV: prefix, n, now_ms (producer clock, for delays), lease_ms, max_dead, window
+-- Returns {wake_ms or '', taken, id, body, attempt, token, ready_since_ms, cancel, ...}:
+-- taken counts ids taken from ready, including any without a body (dead-lettered here);
+-- wake_ms is the earliest of the next delayed task's due time and the time at which a
+-- task held back by a limit may pass (a rate limit's next token, a breaker's reopening).
 -- Lease deadlines use the server's clock, so no client clock can expire another's lease.
-local ready, delayed, leases = KEYS[1], KEYS[2], KEYS[3]
+local ready, delayed, leases, limits = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, n, now, lease_ms, max_dead = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 
 local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
@@ -20,35 +23,237 @@ for _, id in ipairs(due) do
 end
 
 local out = {'', 0}
+local taken = 0
+local wake_ms = nil
 local deadline = int(server_ms() + tonumber(lease_ms))
-local popped = redis.call('ZPOPMIN', ready, n)
-out[2] = #popped / 2
-for i = 1, #popped, 2 do
-  local id = popped[i]
-  local h = task_key(prefix, id)
-  local f = redis.call('HMGET', h, 'body', 'attempt', 'rt', 'cancel')
+
+-- Lease a task whose fields are f = {body, attempt, rt, cancel}; hold = limit fields.
+local function take(id, h, f, hold)
+  taken = taken + 1
   if not f[1] then
     -- An id without a body (written by hand, or by a foreign tool): nothing to run.
     local reason = 'no task body is stored for this id'
     local error_fields = {kind = 'failed', type = 'DecodeError', message = reason}
     bury(prefix, h, id, 'failed', outcome_json(id, 'failed', 0, error_fields, reason), reason, max_dead)
-  else
-    local token = redis.call('INCR', prefix .. 'fence')
-    redis.call('HSET', h, 'state', 'running', 'token', token)
-    redis.call('ZADD', leases, deadline, id)
-    out[#out + 1] = id
-    out[#out + 1] = f[1]
-    out[#out + 1] = f[2] or '0'
-    out[#out + 1] = token
-    out[#out + 1] = f[3] or now
-    out[#out + 1] = f[4] or ''
+    return
+  end
+  local token = redis.call('INCR', prefix .. 'fence')
+  redis.call('HSET', h, 'state', 'running', 'token', token, unpack(hold))
+  redis.call('ZADD', leases, deadline, id)
+  out[#out + 1] = id
+  out[#out + 1] = f[1]
+  out[#out + 1] = f[2] or '0'
+  out[#out + 1] = token
+  out[#out + 1] = f[3] or now
+  out[#out + 1] = f[4] or ''
+end
+
+if redis.call('EXISTS', limits) == 0 then
+  -- No global limits on this queue: the n best, whatever they are.
+  local popped = redis.call('ZPOPMIN', ready, n)
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local h = task_key(prefix, id)
+    take(id, h, redis.call('HMGET', h, 'body', 'attempt', 'rt', 'cancel'), {})
+  end
+else
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local now_ms = math.floor(now_us / 1000)
+  local specs = {}    -- task name -> its limits, or false
+  local counts = {}   -- counter key -> running count
+  local tats = {}     -- rate limit key -> theoretical arrival time, us
+  local shut = {}     -- breaker key -> whether it is open
+  local full = {}     -- limit key -> true: held back for the rest of this claim
+  local held_type = {} -- task name -> true: a limit of the whole type holds it back
+
+  local function wake_at(ms)
+    if not wake_ms or ms < wake_ms then
+      wake_ms = ms
+    end
+  end
+
+  local function spec_of(name)
+    local spec = specs[name]
+    if spec == nil then
+      local raw = redis.call('HGET', limits, name)
+      local ok, decoded = pcall(cjson.decode, raw or '')
+      spec = ok and type(decoded) == 'table' and decoded or false
+      specs[name] = spec
+    end
+    return spec
+  end
+
+  -- A task hash written before names were stored: read them from the body once.
+  local function learn(h, body)
+    local ok, envelope = pcall(cjson.decode, body)
+    if not ok or type(envelope) ~= 'table' or type(envelope.name) ~= 'string' then
+      return nil, nil
+    end
+    local key = envelope.key
+    if type(key) == 'string' then
+      redis.call('HSET', h, 'name', envelope.name, 'ckey', key)
+      return envelope.name, key
+    end
+    redis.call('HSET', h, 'name', envelope.name)
+    return envelope.name, nil
+  end
+
+  -- Room under a concurrency limit?
+  local function below(key, limit)
+    local count = counts[key]
+    if count == nil then
+      count = tonumber(redis.call('GET', key)) or 0
+      counts[key] = count
+    end
+    if count < limit then
+      return true
+    end
+    full[key] = true -- a running task's end wakes an idle worker
+    return false
+  end
+
+  -- GCRA: the new theoretical arrival time if a token is free now, else nil.
+  local function token(key, rule)
+    local tat = tats[key]
+    if tat == nil then
+      tat = tonumber(redis.call('GET', key)) or 0
+      tats[key] = tat
+    end
+    local interval = rule[1]
+    local new_tat = math.max(tat, now_us) + interval
+    local allow_at = new_tat - rule[2] * interval
+    if allow_at <= now_us then
+      return new_tat
+    end
+    full[key] = true
+    wake_at(math.ceil(allow_at / 1000) + 1)
+    return nil
+  end
+
+  -- A token of rate limit key r for the lease (recorded in hold and rates), or nil.
+  local function rate(hold, rates, field, r, rule)
+    local new_tat = not full[r] and token(r, rule)
+    if not new_tat then
+      return nil
+    end
+    rates[#rates + 1] = {r, new_tat}
+    hold[#hold + 1] = field
+    hold[#hold + 1] = string.format('%.3f', rule[1]) .. ' ' .. r
+    return new_tat
+  end
+
+  local function open(key)
+    local state = shut[key]
+    if state == nil then
+      local ttl = redis.call('PTTL', key)
+      state = ttl ~= -2
+      if ttl >= 0 then
+        wake_at(now_ms + ttl + 1)
+      end
+      shut[key] = state
+    end
+    return state
+  end
+
+  -- The limit fields to record in the lease, or nil when a limit holds the task back.
+  local function admit(name, key, spec)
+    local hold = {}
+    local counters, rates = {}, {}
+    if spec.b and open(prefix .. 'open:' .. spec.b) then
+      held_type[name] = true
+      return nil
+    end
+    local tagged = #name .. ':' .. name .. ':'
+    if spec.c then
+      local c = prefix .. 'c:' .. name
+      if not below(c, spec.c) then
+        held_type[name] = true
+        return nil
+      end
+      counters[#counters + 1] = c
+      hold[#hold + 1] = 'lc'
+      hold[#hold + 1] = c
+    end
+    if spec.kc and key then
+      local c = prefix .. 'ck:' .. tagged .. key
+      if full[c] or not below(c, spec.kc) then
+        return nil
+      end
+      counters[#counters + 1] = c
+      hold[#hold + 1] = 'lk'
+      hold[#hold + 1] = c
+    end
+    if spec.r and not rate(hold, rates, 'lr', prefix .. 'r:' .. name, spec.r) then
+      held_type[name] = true
+      return nil
+    end
+    -- Tasks without a key share one rate (as in the process), but not a concurrency.
+    local r = spec.kr and prefix .. 'rk:' .. tagged .. (key or '')
+    if r and not rate(hold, rates, 'lq', r, spec.kr) then
+      return nil
+    end
+    -- Every limit passed: take the slots and tokens.
+    for _, c in ipairs(counters) do
+      counts[c] = redis.call('INCR', c)
+    end
+    for _, rate in ipairs(rates) do
+      tats[rate[1]] = rate[2]
+      local ttl = math.ceil((rate[2] - now_us) / 1000) + 1
+      redis.call('SET', rate[1], string.format('%.3f', rate[2]), 'PX', ttl)
+    end
+    return hold
+  end
+
+  -- Pages of candidates, small first: n tasks usually pass at the head of the queue.
+  -- Leased ones leave the ready set, so the next page starts after the skipped ones.
+  local budget = n + tonumber(ARGV[6])
+  local skipped, size = 0, n + 8
+  while taken < n and skipped + taken < budget do
+    local page = redis.call('ZRANGE', ready, skipped, skipped + math.min(size, budget - skipped - taken) - 1)
+    if #page == 0 then
+      break
+    end
+    for _, id in ipairs(page) do
+      if taken >= n then
+        break
+      end
+      local h = task_key(prefix, id)
+      local f = redis.call('HMGET', h, 'name', 'ckey')
+      local name, key = f[1] or nil, f[2] or nil
+      if not name then
+        local body = redis.call('HGET', h, 'body')
+        if body then
+          name, key = learn(h, body)
+        end
+      end
+      local hold = {} -- no limits: lease it as it is
+      if name then
+        if held_type[name] then
+          hold = nil
+        elseif spec_of(name) then
+          hold = admit(name, key, spec_of(name))
+        end
+      end
+      if hold then
+        redis.call('ZREM', ready, id)
+        take(id, h, redis.call('HMGET', h, 'body', 'attempt', 'rt', 'cancel'), hold)
+      else
+        skipped = skipped + 1
+      end
+    end
+    size = size * 4
   end
 end
-if #popped == 2 * n and redis.call('ZCARD', ready) > 0 then
+
+out[2] = taken
+if taken == n and redis.call('ZCARD', ready) > 0 then
   wake(prefix) -- work is left: let another idle process have it
 end
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-if nxt[2] then
+if nxt[2] and (not wake_ms or tonumber(nxt[2]) < wake_ms) then
   out[1] = nxt[2]
+elseif wake_ms then
+  out[1] = int(wake_ms)
 end
 return out

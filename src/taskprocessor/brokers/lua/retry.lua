@@ -11,6 +11,7 @@ if f[1] ~= 'running' or f[2] ~= token then
 end
 redis.call('ZREM', leases, id)
 redis.call('HDEL', h, 'token')
+release_limits(prefix, h, attempt == '') -- a release never started: its tokens go back
 if attempt == '' then
   -- release: back to the exact position it was popped from
   redis.call('ZADD', ready, redis.call('HGET', h, 'score'), id)
