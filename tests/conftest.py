@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from typing import Any
 
 import pytest
@@ -31,3 +32,31 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 def clock() -> FakeClock:
     """A fake clock starting at 1000.0."""
     return FakeClock(1000.0)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--soak``: run the chaos suite's load tests at their full sizes (issue 6)."""
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the chaos load tests at full size (200,000 tasks; also TASKPROCESSOR_SOAK=1)",
+    )
+
+
+def _soaking(config: pytest.Config) -> bool:
+    return bool(config.getoption("--soak")) or os.environ.get("TASKPROCESSOR_SOAK") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """At full size the chaos tests may take minutes: allow each 30 minutes, not 60 seconds."""
+    if _soaking(config):
+        for item in items:
+            if item.get_closest_marker("chaos") is not None:
+                item.add_marker(pytest.mark.timeout(1800))
+
+
+@pytest.fixture
+def soak(request: pytest.FixtureRequest) -> bool:
+    """Whether the load tests run at full size (``--soak`` or ``TASKPROCESSOR_SOAK=1``)."""
+    return _soaking(request.config)

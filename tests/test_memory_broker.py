@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from taskprocessor.brokers import open_broker
 from taskprocessor.brokers.base import Broker
 from taskprocessor.brokers.memory import MemoryBroker
 from taskprocessor.errors import (
@@ -1080,3 +1081,22 @@ async def test_ack_release_retry_require_a_running_task(clock: FakeClock) -> Non
         await broker.release(done)
     stats = broker.statistics()
     assert (stats.queued, stats.scheduled, stats.running, stats.finished_total) == (0, 1, 0, 1)
+
+
+async def test_memory_url_options_are_read_and_typos_refused() -> None:
+    """``memory://?result_ttl=60`` keeps finished tasks findable; unknown parameters fail."""
+    clock = FakeClock()
+    broker = open_broker("memory://?result_ttl=60", clock=clock)
+    record = make()
+    await broker.enqueue(record)
+    await broker.ack(await broker.reserve(), TaskState.SUCCEEDED)
+    clock.advance(59)
+    found = await broker.get(record.id)
+    assert found is not None
+    assert found.state is TaskState.SUCCEEDED
+    clock.advance(2)
+    assert await broker.get(record.id) is None
+    with pytest.raises(ConfigurationError, match=r"bogus.*result_ttl"):
+        open_broker("memory://?bogus=1", clock=clock)
+    with pytest.raises(ConfigurationError, match="result_ttl"):
+        open_broker("memory://?result_ttl=soon", clock=clock)

@@ -3,7 +3,9 @@
 Plain means JSON's data model exactly: ``str``, ``int``, ``float``, ``bool``, ``None``,
 lists (tuples are read as lists) and dicts with ``str`` keys. ``json.dumps`` alone is
 not a check: it turns ``{1: "a"}`` into ``{"1": "a"}`` without a word, and the task
-would receive different arguments over Redis than in memory.
+would receive different arguments over Redis than in memory. Strings must be valid
+Unicode text: a lone surrogate (a code point from U+D800 to U+DFFF on its own) is a
+Python ``str`` that UTF-8, and so the wire, cannot carry.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def find_unplain(value: object, path: str = "") -> str | None:
 def _find(value: object, path: str, depth: int) -> str | None:
     kind = type(value)
     if kind in _SCALARS:
-        return None
+        return _find_surrogate(value, path) if kind is str else None
     if depth >= _MAX_DEPTH:
         return f"{path or 'value'}: nested deeper than {_MAX_DEPTH} levels"
     items: list[tuple[object, object]]
@@ -33,12 +35,28 @@ def _find(value: object, path: str, depth: int) -> str | None:
     elif isinstance(value, dict) and kind is dict:
         items = list(value.items())
         for key, _ in items:
-            if type(key) is not str:
-                return f"{path}[{key!r}]: a {type(key).__name__} key (keys must be str)"
+            problem = (
+                f"{path}[{key!r}]: a {type(key).__name__} key (keys must be str)"
+                if type(key) is not str
+                else _find_surrogate(key, f"{path}[{key!r}]")
+            )
+            if problem is not None:
+                return problem
     else:
         return f"{path or 'value'}: {kind.__name__}"
     for key, item in items:
         found = _find(item, f"{path}[{key!r}]", depth + 1)
         if found is not None:
             return found
+    return None
+
+
+def _find_surrogate(text: object, path: str) -> str | None:
+    """Where a str holds a lone surrogate: Python allows one, UTF-8 cannot carry it."""
+    if type(text) is not str or text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{path or 'value'}: a str with a lone surrogate at index {exc.start}"
     return None

@@ -113,6 +113,9 @@ class Executors:
 
         return self._processes.do(create)
 
+    def _start_process_pool(self) -> None:
+        self._process_pool().submit(int).result()  # the first call starts the processes
+
     async def run(self, definition: TaskDefinition, ctx: TaskContext, record: TaskRecord) -> Any:
         """Run a plain-function handler and return its result, without blocking the loop.
 
@@ -123,6 +126,10 @@ class Executors:
         loop = asyncio.get_running_loop()
         executor: Executor
         if definition.cpu_bound:
+            if not self._processes.done:
+                # Starting the pool (a forkserver, then its processes) takes 0.1-0.2 s:
+                # do it in a thread, never on the loop that runs every other task.
+                await asyncio.to_thread(self._start_process_pool)
             executor = self._process_pool()
             fn = definition.fn
             context = None

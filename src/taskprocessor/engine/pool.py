@@ -41,6 +41,7 @@ from taskprocessor.engine.outcomes import (
 from taskprocessor.errors import (
     BrokerError,
     ConfigurationError,
+    PayloadError,
     ProcessorClosed,
     TaskExpired,
 )
@@ -114,12 +115,15 @@ class ShutdownReport:
         interrupted: Running tasks interrupted at the end of the grace period.
         cancelled: Queued and scheduled tasks cancelled (in-memory broker).
         handed_back: Reserved tasks handed back to a durable broker.
+        threads_abandoned: Interrupted plain-function calls still running in threads
+            (Python cannot stop a thread; a worker process exits without them).
     """
 
     drained: bool
     interrupted: int
     cancelled: int
     handed_back: int
+    threads_abandoned: int = 0
 
 
 @final
@@ -324,8 +328,9 @@ class WorkerPool:
             await self._broker.release(record)
             handed_back += durable
         cancelled = 0 if durable else await self._broker.cancel_all(_SHUT_DOWN)
+        abandoned = self._executors.abandoned
         self._executors.shutdown()
-        self._report = ShutdownReport(drained, interrupted, cancelled, handed_back)
+        self._report = ShutdownReport(drained, interrupted, cancelled, handed_back, abandoned)
         self._state = PoolState.CLOSED
         self._closed.set()
         if not drained or interrupted or cancelled:
@@ -400,6 +405,16 @@ class WorkerPool:
                     self._changed.set()
                 try:
                     await self._handle(worker, record)
+                except BrokerError as exc:
+                    # The broker could not record the outcome (Redis unreachable for a
+                    # whole lease, say): the worker goes on, and a durable broker's
+                    # recovery runs the task again. A cancelled worker still stops.
+                    logger.error(  # noqa: TRY400 - the broker's message says it all
+                        "worker %d could not settle task %s: %s", worker.id, record.id, exc
+                    )
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise asyncio.CancelledError from exc
                 finally:
                     worker.busy = False
                     self._busy -= 1
@@ -414,9 +429,10 @@ class WorkerPool:
 
     async def _handle(self, worker: _Worker, record: TaskRecord) -> None:
         definition = self._registry.get(record.name)
-        if definition is None:
-            await self._settler.unknown(record)
-            return
+        if definition is None or self._broker.durable:
+            definition = await self._runnable(record, definition)
+            if definition is None:
+                return
         hooks = definition.hooks
         chain = definition.admitters
         if chain:
@@ -432,19 +448,44 @@ class WorkerPool:
             return  # parked; handed back when a slot frees
         try:
             await self._execute(worker, record, definition, hooks)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # A bug in settling (never in the handler: its errors are outcomes). Make
-            # sure the task still reaches a final state rather than hang its waiters.
-            logger.exception("internal error while settling task %s", record.id)
-            if record.state is TaskState.RUNNING:
-                await self._broker.ack(record, TaskState.FAILED, error=RuntimeError("internal"))
+        except (asyncio.CancelledError, BrokerError):
+            raise  # a broker that could not record the outcome: not a bug here (see _work)
+        except Exception:  # noqa: BLE001 - _internal_error logs it with its traceback
+            await self._internal_error(record)
         finally:
             if chain:
                 self._admission.finished(chain)
             if limited:
                 await self._hand_back(self._limits.release(definition, record))
+
+    async def _internal_error(self, record: TaskRecord) -> None:
+        """Log a bug in settling and fail the task, rather than leave its waiters hanging.
+
+        Called from an ``except`` block: a handler's own errors are outcomes, never this.
+        """
+        logger.exception("internal error while settling task %s", record.id)
+        if record.state is TaskState.RUNNING:
+            await self._broker.ack(record, TaskState.FAILED, error=RuntimeError("internal"))
+
+    async def _runnable(
+        self, record: TaskRecord, definition: TaskDefinition | None
+    ) -> TaskDefinition | None:
+        """Return the definition that runs ``record``, or None once it is dead-lettered.
+
+        A message from another process may name no task here, or not fit this worker's
+        handler (another version of it, or a message written by hand). Such a call fails
+        the same way every time: a PayloadError, which the retry policy never retries.
+        """
+        if definition is None:
+            await self._settler.unknown(record)
+            return None
+        try:
+            definition.bind(record.args, record.kwargs)
+        except TypeError as exc:
+            error = PayloadError(f"{exc}; producers and workers must run the same task code")
+            await self._settler.reject(record, definition, error, definition.hooks)
+            return None
+        return definition
 
     def _on_defer(self, record: TaskRecord, defer: Defer) -> None:
         definition = self._registry.get(record.name)

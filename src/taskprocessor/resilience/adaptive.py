@@ -82,6 +82,11 @@ class AdaptiveLimit(Protocol):
         ...
 
 
+def _real(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool, which is a slip for a number)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_int(setting: str, value: object, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigurationError(setting, value, f"an integer >= {low}")
@@ -187,10 +192,10 @@ class AIMD:
         timeout: float | None = None,
     ) -> None:
         _check_bounds(initial_limit, min_limit, max_limit)
-        if not 0 < backoff_ratio < 1:
+        if not _real(backoff_ratio) or not 0 < backoff_ratio < 1:
             raise ConfigurationError("backoff_ratio", backoff_ratio, "a ratio between 0 and 1")
         _check_int("increase", increase, 1)
-        if timeout is not None and not 0 < timeout < math.inf:
+        if timeout is not None and not (_real(timeout) and 0 < timeout < math.inf):
             raise ConfigurationError("timeout", timeout, "seconds > 0, or None")
         self._initial_limit = initial_limit
         self._min_limit = min_limit
@@ -398,14 +403,14 @@ class Gradient2:
         queue_size: float | Callable[[int], float] = math.sqrt,
     ) -> None:
         _check_bounds(initial_limit, min_limit, max_limit)
-        if not 0 < smoothing <= 1:
+        if not _real(smoothing) or not 0 < smoothing <= 1:
             raise ConfigurationError("smoothing", smoothing, "a fraction above 0, at most 1")
-        if not 1 <= rtt_tolerance < math.inf:
+        if not _real(rtt_tolerance) or not 1 <= rtt_tolerance < math.inf:
             raise ConfigurationError("rtt_tolerance", rtt_tolerance, "a finite ratio >= 1")
         _check_int("long_window", long_window, 1)
         if callable(queue_size):
             queue: Callable[[int], float] = queue_size
-        elif isinstance(queue_size, int | float) and 0 <= queue_size < math.inf:
+        elif _real(queue_size) and 0 <= queue_size < math.inf:
             constant = float(queue_size)
             queue = lambda _limit: constant  # noqa: E731 - a one-line closure reads best
         else:
@@ -600,10 +605,14 @@ class Windowed:
         max_window: float = 10.0,
         min_samples: int = 10,
     ) -> None:
-        if not 0 < min_window < math.inf:
-            raise ConfigurationError("min_window", min_window, "seconds > 0")
-        if not min_window <= max_window < math.inf:
-            raise ConfigurationError("max_window", max_window, "seconds >= min_window")
+        if not hasattr(limit, "on_sample") or not hasattr(limit, "limit"):
+            raise ConfigurationError("limit", limit, "an adaptive limit such as AIMD or Gradient2")
+        if not _real(min_window) or not 0 < min_window < math.inf:
+            raise ConfigurationError("min_window", min_window, "finite seconds > 0")
+        if not _real(max_window) or not min_window <= max_window < math.inf:
+            raise ConfigurationError(
+                "max_window", max_window, f"finite seconds >= min_window ({min_window})"
+            )
         _check_int("min_samples", min_samples, 1)
         self._delegate = limit
         self._min_window = float(min_window)

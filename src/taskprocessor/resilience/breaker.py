@@ -337,17 +337,21 @@ class CircuitBreaker:
         half_open_probes: int = 3,
         name: str = "breaker",
     ) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ConfigurationError("window", window, "a number of outcomes >= 1")
-        if window_seconds is not None and not 0 < window_seconds < math.inf:
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window < 2**63:
+            raise ConfigurationError("window", window, "a number of outcomes from 1 to 2**63 - 1")
+        if window_seconds is not None and not (
+            _real(window_seconds) and 0 < window_seconds < math.inf
+        ):
             raise ConfigurationError("window_seconds", window_seconds, "seconds > 0, or None")
-        if not 0 < failure_ratio <= 1:
+        if not _real(failure_ratio) or not 0 < failure_ratio <= 1:
             raise ConfigurationError("failure_ratio", failure_ratio, "a ratio above 0, at most 1")
-        if not 0 < slow_call_ratio <= 1:
+        if not _real(slow_call_ratio) or not 0 < slow_call_ratio <= 1:
             raise ConfigurationError(
                 "slow_call_ratio", slow_call_ratio, "a ratio above 0, at most 1 (1 disables it)"
             )
-        if slow_call_seconds is not None and not 0 < slow_call_seconds < math.inf:
+        if slow_call_seconds is not None and not (
+            _real(slow_call_seconds) and 0 < slow_call_seconds < math.inf
+        ):
             raise ConfigurationError("slow_call_seconds", slow_call_seconds, "seconds > 0, or None")
         if slow_call_ratio < 1 and slow_call_seconds is None:
             raise ConfigurationError(
@@ -359,8 +363,8 @@ class CircuitBreaker:
             raise ConfigurationError(
                 "min_calls", min_calls, f"at most window={window}, or the breaker never trips"
             )
-        if not 0 <= open_seconds < math.inf:
-            raise ConfigurationError("open_seconds", open_seconds, "seconds >= 0")
+        if not _real(open_seconds) or not 0 <= open_seconds < math.inf:
+            raise ConfigurationError("open_seconds", open_seconds, "finite seconds >= 0")
         if (
             isinstance(half_open_probes, bool)
             or not isinstance(half_open_probes, int)
@@ -662,3 +666,8 @@ class CircuitBreaker:
                     change.old.value,
                     new.value,
                 )
+
+
+def _real(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool, which is a slip for a number)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

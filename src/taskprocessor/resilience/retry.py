@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import final
@@ -27,8 +28,12 @@ class RetryPolicy:
         factor: Growth of the delay per retry (1.0 for a constant delay).
         max_delay: Upper bound of any delay, in seconds.
         jitter: Fraction of the delay that is randomised, from 0 to 1.
-        retry_on: Exception types that are retried (subclasses included).
+        retry_on: Exception types that are retried (subclasses included): a tuple, or
+            one type.
         dont_retry_on: Exception types that are never retried, even if in ``retry_on``.
+
+    Raises:
+        ConfigurationError: A setting is out of range (delays must be finite).
 
     Example:
         >>> policy = RetryPolicy(max_attempts=3, base_delay=1.0, jitter=0.0)
@@ -51,14 +56,28 @@ class RetryPolicy:
             or self.max_attempts < 1
         ):
             raise ConfigurationError("max_attempts", self.max_attempts, "an integer >= 1")
-        if not self.base_delay >= 0:
-            raise ConfigurationError("base_delay", self.base_delay, "seconds >= 0")
-        if not self.factor >= 1:
-            raise ConfigurationError("factor", self.factor, "a number >= 1")
-        if not self.max_delay >= self.base_delay:
-            raise ConfigurationError("max_delay", self.max_delay, "seconds >= base_delay")
-        if not 0 <= self.jitter <= 1:
+        # Infinite delays are refused too: a retry due at infinity never runs (and cannot
+        # be stored by a broker that keeps due times in milliseconds).
+        if not _real(self.base_delay) or not 0 <= self.base_delay < math.inf:
+            raise ConfigurationError("base_delay", self.base_delay, "finite seconds >= 0")
+        if not _real(self.factor) or not 1 <= self.factor < math.inf:
+            raise ConfigurationError("factor", self.factor, "a finite number >= 1")
+        if not _real(self.max_delay) or not self.base_delay <= self.max_delay < math.inf:
+            raise ConfigurationError(
+                "max_delay", self.max_delay, f"finite seconds >= base_delay ({self.base_delay})"
+            )
+        if not _real(self.jitter) or not 0 <= self.jitter <= 1:
             raise ConfigurationError("jitter", self.jitter, "a fraction from 0 to 1")
+        for name in ("retry_on", "dont_retry_on"):
+            value = getattr(self, name)
+            if isinstance(value, type) and issubclass(value, BaseException):
+                object.__setattr__(self, name, (value,))  # one type, as isinstance takes it
+            elif not isinstance(value, tuple) or not all(
+                isinstance(kind, type) and issubclass(kind, BaseException) for kind in value
+            ):
+                raise ConfigurationError(
+                    name, value, "an exception type or a tuple of exception types"
+                )
 
     def should_retry(self, exc: BaseException, *, attempt: int) -> bool:
         """Whether attempt number ``attempt``, which raised ``exc``, gets another try."""
@@ -81,3 +100,8 @@ class RetryPolicy:
             return raw
         spread = (rng or random).random() * self.jitter
         return raw * (1.0 - spread)
+
+
+def _real(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool: ``True`` seconds is a slip)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
