@@ -94,7 +94,7 @@ async def scenario(url: str, name: str, tasks: int) -> tuple[float, float, float
         elif name == "200 held ahead":
             limits.declare("held", breaker="down")
             await broker.enqueue_many([TaskRecord("held", (), {}, queue=queue) for _ in range(200)])
-        await broker._claim(0)  # publishes the limits
+        await broker._consumer.claim(0)  # publishes the limits
         if name == "200 held ahead":
             limits.breaker_changed("down", 3600.0)
             await asyncio.sleep(0.05)  # let the mark be written
@@ -105,7 +105,7 @@ async def scenario(url: str, name: str, tasks: int) -> tuple[float, float, float
         claimed: list[TaskRecord] = []
         began = time.perf_counter()
         while len(claimed) < tasks:
-            got, _, _ = await broker._claim(1)  # the claim itself is measured
+            got, _, _ = await broker._consumer.claim(1)  # the claim itself is measured
             claimed += got
         wall = time.perf_counter() - began
         calls, usec = evalsha(client)

@@ -20,7 +20,7 @@ import pytest
 from redis_support import delete_queue, new_queue, require_redis, sync_client
 from taskprocessor import TaskProcessor, TaskRecord, TaskState
 from taskprocessor.brokers._redis_store import QueueKeys
-from taskprocessor.brokers.codec import ENVELOPE_VERSION, encode_task
+from taskprocessor.brokers.codec import ENVELOPE_VERSION, TaskMessage, decode_task, encode_task
 
 pytestmark = pytest.mark.chaos
 
@@ -47,14 +47,16 @@ def envelope(queue: str, task_id: str, name: str, *args: Any, **kwargs: Any) -> 
     return loaded
 
 
-def inject(queue: str, task_id: str, body: bytes | None, priority: int = 100) -> None:
+def inject(
+    queue: str, task_id: str, body: bytes | None, priority: int = 100, attempt: str | int = 0
+) -> None:
     """Store a task the way enqueue.lua does, ready ahead of everything of lower priority."""
     keys = QueueKeys.of(queue)
     with sync_client() as client:
         score = (100 - priority) * _PRIORITY_SPAN + int(client.incr(f"{keys.prefix}seq"))
         if body is not None:
             now_ms = int(time.time() * 1000)
-            fields = {"body": body, "state": "queued", "prio": priority, "attempt": 0}
+            fields = {"body": body, "state": "queued", "prio": priority, "attempt": attempt}
             fields |= {"max": 1, "score": score, "rt": now_ms}
             client.hset(keys.task(task_id), mapping=fields)
         client.zadd(keys.ready, {task_id: score})
@@ -156,3 +158,59 @@ async def test_poison_messages_are_dead_lettered_with_reasons_and_good_tasks_flo
     with sync_client() as client:
         keys = QueueKeys.of(queue)
         assert client.zcard(keys.ready) == client.zcard(keys.leases) == 0
+
+
+async def run_with_poison(queue: str, poison: dict[str, str | int]) -> dict[str, TaskRecord]:
+    """Run 20 good tasks around well-formed messages injected with these ``attempt``
+    fields; return the dead letters once there are as many as poison ids."""
+    app = TaskProcessor(broker=f"{require_redis()}?queues={queue}")
+    ran: list[int] = []
+
+    @app.task(name="chaos.add", queue=queue)
+    async def add(x: int, y: int) -> int:
+        ran.append(x)
+        return x + y
+
+    async with app.run(workers=2):
+        before = [await add.submit(i, 1) for i in range(10)]
+        for task_id, attempt in poison.items():
+            body = json.dumps(envelope(queue, task_id, "chaos.add", 1, 2)).encode()
+            inject(queue, task_id, body, attempt=attempt)
+        after = [await add.submit(i, 1) for i in range(10, 20)]
+        results = [await job.result(timeout=BOUND) for job in (*before, *after)]
+        letters = await dead_letters_settled(app, len(poison))
+        late = await add.submit(100, 1)  # the claimer still serves the workers
+        assert await late.result(timeout=BOUND) == 101
+    assert results == [i + 1 for i in range(20)]
+    assert sorted(ran) == [*range(20), 100]  # each good task ran once, no poison ran
+    assert set(letters) == set(poison)
+    return letters
+
+
+async def test_a_claimed_task_with_unreadable_fields_is_dead_lettered(queue: str) -> None:
+    """Stored fields the claim cannot read (an attempt count that is not a number) are
+    not a decoder's DecodeError, yet dead-letter the task, naming the error; the claimer
+    (one per process, serving every worker) never dies of it."""
+    letters = await run_with_poison(queue, {"attempt-word": "many"})
+    reason = letters["attempt-word"].dead_letter_reason or ""
+    assert reason.startswith("undecodable: ValueError:"), reason
+    assert "many" in reason
+    assert letters["attempt-word"].attempt == 0  # listed, though its count is unreadable
+
+
+async def test_any_error_from_the_decoder_dead_letters_the_task(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gap in the decoder (an exception other than DecodeError) dead-letters the
+    message with the error's type and words, and every other task runs."""
+
+    def flawed(data: bytes, *, limit: int, task_id: str | None = None) -> TaskMessage:
+        if task_id == "decoder-gap":
+            raise RuntimeError("a gap in the decoder")
+        return decode_task(data, limit=limit, task_id=task_id)
+
+    monkeypatch.setattr("taskprocessor.brokers._redis_consumer.decode_task", flawed)
+    letters = await run_with_poison(queue, {"decoder-gap": 0})
+    letter = letters["decoder-gap"]
+    assert letter.state is TaskState.FAILED
+    assert letter.dead_letter_reason == "undecodable: RuntimeError: a gap in the decoder"

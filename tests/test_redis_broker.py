@@ -108,6 +108,25 @@ def test_password_is_masked_in_url(url: str, masked: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:secret@host:port/0", "redis://:****@host:port/0"),
+        ("redis://host:99999/0", "redis://host:99999/0"),
+        ("redis://:secret@[::1/0", "****@[::1/0"),
+    ],
+)
+def test_a_malformed_url_is_masked_and_refused_naming_it(url: str, masked: str) -> None:
+    """mask_url never raises, even on a port that is not a number or an unparsable
+    host; the broker refuses such a URL when built, showing it masked."""
+    assert mask_url(url) == masked
+    with pytest.raises(ConfigurationError) as info:
+        RedisBroker(url)
+    assert info.value.setting == "url"
+    assert info.value.value == masked
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "setting"),
     [
         ({"url": "http://localhost"}, "url"),

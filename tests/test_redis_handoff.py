@@ -25,8 +25,9 @@ import pytest
 
 from redis_support import RedisHarness, delete_queue, require_redis, sync_client
 from taskprocessor import TaskState
+from taskprocessor.brokers._redis_handoff import Freshness
 from taskprocessor.brokers._redis_store import QueueKeys
-from taskprocessor.brokers.redis import RedisBroker, _Freshness
+from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.task import TaskRecord
 
 BOUND = 10.0  # real seconds before a wait fails the test instead of hanging
@@ -76,7 +77,7 @@ def submit_now(client: Any, producer: RedisBroker, record: TaskRecord) -> str:
     Nothing else in this process (an idle worker's claimer) runs meanwhile. Returns the
     state the task was accepted in: ``running`` when it was handed off.
     """
-    keys, args = producer._enqueue_args(record, None, 0.0)
+    keys, args = producer._submitter.args(record, None, 0.0)
     reply = client.evalsha(producer._store.scripts._shas["enqueue"], len(keys), *keys, *args)
     return str(reply[2].decode())
 
@@ -249,7 +250,7 @@ async def test_a_worker_that_stops_waiting_gives_its_inbox_back_in_place() -> No
 
 _DYING_WORKER = """
 import asyncio, sys
-from taskprocessor.brokers.redis import RedisBroker, _Freshness
+from taskprocessor.brokers.redis import RedisBroker
 
 async def main():
     broker = RedisBroker(sys.argv[1], queues=[sys.argv[2]], idle_timeout=1.0)
@@ -313,9 +314,9 @@ async def test_a_stale_handed_off_task_is_dropped_not_run() -> None:
         with sync_client() as client:
             body = client.hget(keys.task(record.id), "body")
         item = b"7 1000 0 1000 %d\n%b%b" % (len(record.id), record.id.encode(), body)
-        fresh = _Freshness(2_000_000, time.monotonic(), 30_000)  # the server's clock, ms
+        fresh = Freshness(2_000_000, time.monotonic(), 30_000)  # the server's clock, ms
         taken: list[TaskRecord] = []
-        await worker._take_handed_off(keys, item, fresh, taken)
+        await worker._handoff.take(keys, item, fresh, taken)
         assert taken == []  # its lease was not ours any more: dropped, not run
         assert worker.held == 0
         assert record.state is TaskState.QUEUED
@@ -394,7 +395,7 @@ async def test_slots_are_split_over_queues_never_more_in_total(queues: int) -> N
             return sum(registration(q, broker._worker) or 0 for q in names)
 
         await eventually(lambda: total() == 3, "3 slots in all")
-        assert [registration(q, broker._worker) for q in names] == broker._shares(3)
+        assert [registration(q, broker._worker) for q in names] == broker._handoff.shares(3)
         await cancel_all(callers)
         await eventually(lambda: total() == 0, "none left")
     finally:

@@ -315,7 +315,7 @@ async def test_a_task_stored_without_its_name_is_read_from_its_body(queue: str) 
         with sync_client() as client:
             for record in (first, second):
                 client.hdel(QueueKeys.of(queue).task(record.id), "name", "ckey")
-        records, drained, _ = await broker._claim(2)
+        records, drained, _ = await broker._consumer.claim(2)
         assert [r.id for r in records] == [first.id]
         assert drained
         assert held(queue, "job", ["k"]) == {"ck:3:job:k": 1}
@@ -370,7 +370,7 @@ async def test_key_limits_hold_each_key_apart(queue: str) -> None:
         records = [make(queue, key=k) for k in ("a", "a", "b", "a", "c")]
         unkeyed = [make(queue), make(queue)]  # no key: no key concurrency
         await broker.enqueue_many([*records, *unkeyed])
-        claimed, drained, _ = await broker._claim(7)
+        claimed, drained, _ = await broker._consumer.claim(7)
         assert [r.id for r in claimed] == [records[i].id for i in (0, 2, 4)] + [
             r.id for r in unkeyed[:1]
         ]  # the unkeyed share one rate limit (the empty key's), whose token is spent
@@ -450,7 +450,7 @@ async def test_a_rate_limit_without_a_token_keeps_tasks_queued_and_a_release_ref
         broker.global_limits.declare("job", rate_limit=RateLimit(1, per=3600.0, burst=1))
         records = [make(queue), make(queue)]
         await broker.enqueue_many(records)
-        claimed, drained, next_due = await broker._claim(2)
+        claimed, drained, next_due = await broker._consumer.claim(2)
         assert [r.id for r in claimed] == [records[0].id]
         assert drained
         assert next_due is not None
@@ -460,10 +460,10 @@ async def test_a_rate_limit_without_a_token_keeps_tasks_queued_and_a_release_ref
             assert 3_590_000 < client.pttl(f"{QueueKeys.of(queue).prefix}r:job") <= 3_600_001
 
         await broker.release(claimed[0])  # refunded: it may be claimed again at once
-        again, _, _ = await broker._claim(2)
+        again, _, _ = await broker._consumer.claim(2)
         assert [r.id for r in again] == [records[0].id]  # its place kept, ahead of the other
         await broker.ack(again[0], TaskState.SUCCEEDED)
-        assert (await broker._claim(1))[0] == []  # the token is spent now
+        assert (await broker._consumer.claim(1))[0] == []  # the token is spent now
         assert await broker.depth() == (1, 0)
 
 
@@ -479,13 +479,13 @@ async def test_a_shared_breaker_mark_holds_its_task_types_back_until_it_closes(
         for broker in (a, b):
             broker.global_limits.declare("guarded", breaker="dep")
             broker.global_limits.declare("free")
-        await a._claim(1)  # publishes the limits
+        await a._consumer.claim(1)  # publishes the limits
         a.global_limits.breaker_changed("dep", 60.0)
         key = breaker_key(QueueKeys.of(queue), "dep")
         await eventually(lambda: _exists(key), "the open mark written")
         guarded, free = make(queue, "guarded"), make(queue, "free")
         await a.enqueue_many([guarded, free])
-        claimed, drained, next_due = await b._claim(2)
+        claimed, drained, next_due = await b._consumer.claim(2)
         assert [r.id for r in claimed] == [free.id]
         assert drained
         assert next_due is not None
@@ -494,7 +494,7 @@ async def test_a_shared_breaker_mark_holds_its_task_types_back_until_it_closes(
 
         a.global_limits.breaker_changed("dep", None)
         await eventually(lambda: not _exists(key), "the open mark deleted")
-        claimed, _, _ = await b._claim(2)
+        claimed, _, _ = await b._consumer.claim(2)
         assert [r.id for r in claimed] == [guarded.id]
         await b.ack(claimed[0], TaskState.SUCCEEDED)
 

@@ -406,7 +406,7 @@ class Claimer:
 
 
 def _log_failure(exc: Exception, message: str, *args: object) -> None:
-    # An unreachable server is logged once per outage (see _redis_store.Outage), not
+    # An unreachable server is logged once per outage (see _redis_outage.Outage), not
     # once per retry; other failures are worth a warning each.
     log = logger.debug if isinstance(exc, BrokerUnavailable) else logger.warning
     log(message, *args)

@@ -17,15 +17,19 @@ without persistence) and is settled FAILED, naming why, rather than waited for f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, final
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, Final, final
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from taskprocessor.brokers._redis_store import Backoff, Outage
+from taskprocessor.brokers._redis_outage import Backoff, Outage
+from taskprocessor.brokers._redis_shared import Shared
+from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.codec import (
     DecodeError,
     Outcome,
@@ -37,9 +41,11 @@ from taskprocessor.clock import Clock
 from taskprocessor.errors import BrokerError, BrokerUnavailable
 from taskprocessor.task import TaskRecord, TaskState
 
-__all__ = ["Waiting", "listen", "lost_outcome"]
+__all__ = ["Waiting", "listen", "lost_outcome", "refresh", "sweep"]
 
 logger = logging.getLogger("taskprocessor.brokers.redis")
+
+_CHUNK: Final = 1000  # tasks read per pipelined round trip of a sweep
 
 
 @final
@@ -50,6 +56,7 @@ class Waiting:
         self._clock = clock
         self._records: dict[str, TaskRecord] = {}
         self._twins: dict[str, list[TaskRecord]] = {}
+        self._in_flight: Counter[str] = Counter()  # ids of submits not yet answered
 
     def __len__(self) -> int:
         return len(self._records)
@@ -60,6 +67,31 @@ class Waiting:
     def ids(self) -> list[str]:
         """The ids of every task waited for."""
         return list(self._records)
+
+    def in_flight(self, task_id: str) -> bool:
+        """Whether a submit of this task is not answered yet (it may not be in Redis)."""
+        return task_id in self._in_flight
+
+    @contextlib.contextmanager
+    def submitting(self, records: Iterable[TaskRecord]) -> Iterator[None]:
+        """Count the records' ids as in flight until the block ends.
+
+        A sweep meanwhile must not take a task that is not in Redis yet for one that
+        Redis lost.
+        """
+        ids = [record.id for record in records]
+        in_flight = self._in_flight
+        for task_id in ids:
+            in_flight[task_id] += 1
+        try:
+            yield
+        finally:
+            for task_id in ids:
+                left = in_flight[task_id] - 1
+                if left > 0:
+                    in_flight[task_id] = left
+                else:
+                    del in_flight[task_id]
 
     def get(self, task_id: str) -> TaskRecord | None:
         """Return the (first) local record of a task, or None."""
@@ -152,6 +184,55 @@ def lost_outcome(task_id: str, attempt: int, url: str) -> Outcome:
     return Outcome(task_id, TaskState.FAILED, attempt, None, error)
 
 
+async def sweep(shared: Shared, waiting: Waiting) -> None:
+    """Settle local records of tasks that ended while no message could reach us.
+
+    One pipelined read per 1000 tasks waited for. A task whose submit Redis had
+    answered but that Redis no longer knows was lost with it (a restart without
+    persistence): its records are settled FAILED, saying so, not waited for forever.
+    """
+    store = shared.store
+    # Submits in flight are not judged: their task may not be in Redis yet.
+    ids = [i for i in waiting.ids() if not waiting.in_flight(i)]
+    for start in range(0, len(ids), _CHUNK):
+        chunk: list[tuple[str, QueueKeys]] = []
+        for task_id in ids[start : start + _CHUNK]:
+            record = waiting.get(task_id)
+            if record is not None:
+                chunk.append((task_id, shared.keys(record.queue)))
+
+        def fill(pipe: Any, calls: list[tuple[str, QueueKeys]] = chunk) -> None:
+            for task_id, keys in calls:
+                store.scripts.queue(pipe, "get", [keys.task(task_id)], [shared.channel])
+
+        replies = await store.commands(fill)
+        for (task_id, _), reply in zip(chunk, replies, strict=True):
+            if reply is not None:
+                waiting.absorb(task_id, reply, shared.offset)
+                continue
+            record = waiting.get(task_id)
+            if record is not None and not waiting.in_flight(task_id):
+                logger.warning(
+                    "task %s (%s) is no longer in Redis at %s: lost with a restart "
+                    "that did not persist it; its result() raises",
+                    task_id,
+                    record.name,
+                    store.url,
+                )
+                waiting.settle(lost_outcome(task_id, record.attempt, store.url))
+
+
+async def refresh(shared: Shared, waiting: Waiting, task_id: str) -> TaskRecord | None:
+    """Read a task from Redis into its local record (watching it while unfinished)."""
+    record = waiting.get(task_id)
+    queues = [shared.keys(record.queue)] if record is not None else shared.known()
+    for keys in queues:
+        reply = await shared.call("get", [keys.task(task_id)], [shared.channel])
+        if reply is not None:
+            return waiting.absorb(task_id, reply, shared.offset)
+    return None
+
+
 async def listen(
     pubsub: Any,
     reply_channel: str,
@@ -195,7 +276,7 @@ async def listen(
             if message["data"] == len(pubsub.channels):
                 if outage is not None:
                     outage.back()
-                await _sweep(sweep)
+                await _sweep_until_done(sweep)
             continue
         if kind != "message":
             continue
@@ -208,7 +289,7 @@ async def listen(
             logger.error("ignored an unreadable outcome message: %s", exc)  # noqa: TRY400
 
 
-async def _sweep(sweep: Callable[[], Awaitable[None]]) -> None:
+async def _sweep_until_done(sweep: Callable[[], Awaitable[None]]) -> None:
     """Run ``sweep`` until it goes through: handles wait on it (messages wait meanwhile)."""
     backoff = Backoff()
     while True:

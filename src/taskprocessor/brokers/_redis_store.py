@@ -3,16 +3,42 @@
 Every key of a queue carries the hash tag ``{tp:<queue>}``, so Redis Cluster keeps a
 queue on one shard and each script touches one slot::
 
-    {tp:q}:ready     ZSET  id -> (100 - priority) * 2**46 + sequence  (lowest runs first)
-    {tp:q}:delayed   ZSET  id -> due time, ms
-    {tp:q}:leases    ZSET  id -> lease deadline, ms on the server's clock
-    {tp:q}:dead      ZSET  id -> sequence (oldest dead letter first)
-    {tp:q}:t:<id>    HASH  body, state, attempt, token, score, prio, max, reply, outcome, ...
-    {tp:q}:u:<key>   STRING  the id of the task holding a unique key, with a TTL
-    {tp:q}:seq, :fence   counters: ready order, lease tokens
-    {tp:q}:wake      LIST  a marker that wakes one idle worker process (BLPOP)
-    {tp:q}:stats     HASH  enqueued, finished
-    {tp:q}:cancel    pub/sub channel: ids of running tasks to interrupt
+    {tp:q}:ready       ZSET    id -> (100 - priority) * 2**46 + sequence (lowest runs first)
+    {tp:q}:delayed     ZSET    id -> due time, ms
+    {tp:q}:leases      ZSET    id -> lease deadline, ms on the server's clock
+    {tp:q}:dead        ZSET    id -> sequence (oldest dead letter first)
+    {tp:q}:t:<id>      HASH    the task: body, name, ckey (its concurrency key), prio,
+                               max (attempts), state, attempt, lost (leases lost),
+                               token, score, rt (ready since, ms), cancel, reply,
+                               watch, outcome, dead (reason), and the global limits
+                               its lease holds: lc, lk, lr, lq (see _redis_limits)
+    {tp:q}:u:<key>     STRING  the id of the task holding a unique key, with a TTL
+    {tp:q}:seq         STRING  counter: ready and dead-letter order
+    {tp:q}:fence       STRING  counter: lease tokens
+    {tp:q}:wake        LIST    a marker that wakes one idle worker process (BLPOP)
+    {tp:q}:stats       HASH    enqueued, finished
+    {tp:q}:cancel      pub/sub channel: ids of running tasks to interrupt
+
+Idle worker processes (the hand-off, see ``_redis_handoff`` and ``lua/park.lua``)::
+
+    {tp:q}:idle        ZSET    worker -> registration expiry, ms on the server's clock
+    {tp:q}:idle:<w>    HASH    n (free slots), lease (ms), of worker <w>
+    {tp:q}:inbox:<w>   LIST    tasks leased to worker <w> by a submit, or a marker
+                               ('.': return at once, '!': stop waiting)
+
+Global limits and shared breakers (see ``_redis_limits``)::
+
+    {tp:q}:limits      HASH    task name -> its limits (JSON)
+    {tp:q}:c:<name>    STRING  running tasks of a type (absent when 0)
+    {tp:q}:ck:<len>:<name>:<key>   STRING  running tasks of a type with one key
+    {tp:q}:r:<name>    STRING  GCRA theoretical arrival time of a type's rate limit,
+                               microseconds on the server's clock (PX)
+    {tp:q}:rk:<len>:<name>:<key>   STRING  the same, per key
+    {tp:q}:open:<breaker>          STRING  a shared breaker is open (PX: its interval)
+
+And one key per producer, outside any queue's slot::
+
+    tp:reply:<name>    pub/sub channel: outcomes of the tasks it submitted or looks up
 
 A finished task's hash expires after ``result_ttl``; a dead letter's never does. Each
 state transition is one script in ``lua/`` (with ``_common.lua`` in front of it).
@@ -23,14 +49,12 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
-import random
-import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, final
 
-from taskprocessor.brokers.base import BrokerStatistics
+from taskprocessor.brokers._redis_outage import Outage
 from taskprocessor.errors import BrokerError, BrokerUnavailable, ProcessorClosed
 
 try:
@@ -39,42 +63,18 @@ try:
     import redis.retry as sync_retry
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
-    from redis.exceptions import (
-        AuthenticationError,
-        AuthorizationError,
-        NoScriptError,
-        RedisError,
-        ResponseError,
-    )
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError, RedisError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         'the Redis broker needs redis-py: pip install "taskprocessor[redis]"'
     ) from exc
 
-__all__ = [
-    "SCRIPT_NAMES",
-    "Backoff",
-    "Outage",
-    "QueueKeys",
-    "Scripts",
-    "Store",
-    "cancel_and_wait",
-    "load_sources",
-    "root_cause",
-    "transient",
-]
+__all__ = ["SCRIPT_NAMES", "QueueKeys", "Scripts", "Store", "cancel_and_wait", "load_sources"]
 
 logger = logging.getLogger("taskprocessor.brokers.redis")
 
-T = TypeVar("T")
-
-# Bounds of the waits between two tries while Redis does not answer, seconds: the first
-# retry comes soon (a restart takes a fraction of a second), the wait doubles, and the
-# cap keeps a worker from sleeping long after Redis is back.
-BACKOFF_MIN: Final = 0.05
-BACKOFF_MAX: Final = 2.0
 # redis-py's own retries inside one call (a dropped connection is redialled at once).
 _CALL_RETRIES: Final = 1
 # A blocking read (BLPOP) gives up this long after the server should have answered: a
@@ -93,7 +93,7 @@ SCRIPT_NAMES: Final = (
     "enqueue",
     "extend",
     "get",
-    "park",  # park.lua, unpark.lua: idle workers' registrations (hand-off, _redis_claim.py)
+    "park",  # park.lua, unpark.lua: idle workers' registrations (see _redis_handoff)
     "purge",
     "recover",
     "requeue",
@@ -202,103 +202,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-@final
-class Backoff:
-    """Waits between tries: doubling from ``first`` up to ``cap``, each jittered.
-
-    The jitter (a wait between half and all of the step) keeps the workers of many
-    processes from retrying in lockstep when Redis comes back.
-    """
-
-    __slots__ = ("_cap", "_first", "_step")
-
-    def __init__(self, first: float = BACKOFF_MIN, cap: float = BACKOFF_MAX) -> None:
-        self._first = first
-        self._cap = cap
-        self._step = first
-
-    def next(self) -> float:
-        """Return the wait before the next try, and double the step."""
-        step = self._step
-        self._step = min(step * 2, self._cap)
-        return random.uniform(step / 2, step)
-
-    def reset(self) -> None:
-        """Start again from the first step (after a success)."""
-        self._step = self._first
-
-
-@final
-class Outage:
-    """Whether Redis answers, as the broker last found; logged once when that changes.
-
-    Every loop that retries while Redis is unreachable (producer calls, the heartbeat
-    thread, the pub/sub listener, lease recovery) reports its failed tries with `lost`,
-    and every call that succeeds reports `back`. So an outage logs one WARNING when it
-    begins and one INFO when it ends, however many tries it takes. Thread-safe: the
-    heartbeat thread reports too.
-
-    Args:
-        url: The server's URL, password masked.
-        unavailable_timeout: How long producer calls retry (for the message).
-    """
-
-    __slots__ = ("_lock", "_since", "_timeout", "_url", "failures", "outages")
-
-    def __init__(self, url: str, unavailable_timeout: float) -> None:
-        self._url = url
-        self._timeout = unavailable_timeout
-        self._lock = threading.Lock()
-        self._since: float | None = None
-        self.outages = 0
-        """Outages seen so far (a change from answering to not answering)."""
-        self.failures = 0
-        """Failed tries reported so far."""
-
-    @property
-    def down(self) -> bool:
-        """Whether the last report was a failure."""
-        return self._since is not None
-
-    def lost(self, exc: BaseException) -> None:
-        """Report a failed try; the first one of an outage logs a WARNING."""
-        with self._lock:
-            self.failures += 1
-            if self._since is not None:
-                return
-            self._since = time.monotonic()
-            self.outages += 1
-        logger.warning(
-            "Redis at %s does not answer (%s); retrying with backoff, at most %gs apart. "
-            "Workers resume on their own once it answers; producer calls give up after "
-            "unavailable_timeout=%gs",
-            self._url,
-            root_cause(exc),
-            BACKOFF_MAX,
-            self._timeout,
-        )
-
-    def back(self) -> None:
-        """Report a call that succeeded; the first one after an outage logs an INFO."""
-        if self._since is None:  # the common case, without the lock
-            return
-        with self._lock:
-            since, self._since = self._since, None
-        if since is not None:
-            logger.info(
-                "Redis at %s answers again, after %.1fs; resuming",
-                self._url,
-                time.monotonic() - since,
-            )
-
-
-def root_cause(exc: BaseException) -> str:
-    """The Redis client's own words for a failure (our wrappers repeat the URL)."""
-    while isinstance(exc, BrokerError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    return str(exc)
-
-
 async def cancel_and_wait(tasks: Sequence[asyncio.Task[Any]], bound: float = _CLOSE_BOUND) -> None:
     """Cancel ``tasks`` and wait for them to end, cancelling again those that go on.
 
@@ -322,11 +225,6 @@ async def cancel_and_wait(tasks: Sequence[asyncio.Task[Any]], bound: float = _CL
             task.exception()
 
 
-def transient(exc: BrokerUnavailable) -> bool:
-    """Whether trying again may help: not when the server refused the credentials."""
-    return not isinstance(exc.__cause__, AuthenticationError | AuthorizationError)
-
-
 @final
 class Store:
     """The broker's connections: commands and scripts, a blocking one, and pub/sub.
@@ -334,13 +232,13 @@ class Store:
     Redis errors leave it as `BrokerUnavailable` (the server cannot be reached) or
     `BrokerError` (it refused), with the masked URL in the message. Calls fail at
     once (after redis-py's own quick redial); the callers that must outlast an outage
-    retry them with `patiently`, and report what they find to `outage`.
+    retry them with ``outage.patiently``, and report what they find to `outage`.
 
     Args:
         url: The server's URL, password included.
         masked: The URL for messages, password masked.
         options: Keyword arguments for ``Redis.from_url``.
-        unavailable_timeout: Seconds `patiently` retries by default.
+        unavailable_timeout: Seconds ``outage.patiently`` retries by default.
         idle_timeout: Longest BLPOP of `wait_for_marker`, seconds (bounds its socket
             timeout).
     """
@@ -378,55 +276,6 @@ class Store:
         )
         error.__cause__ = exc  # also when the caller raises it elsewhere (a batch)
         return error
-
-    async def patiently(
-        self,
-        what: str,
-        attempt: Callable[[], Awaitable[T]],
-        *,
-        deadline: float | None = None,
-    ) -> T:
-        """Try ``attempt`` until it succeeds, retrying with backoff while Redis is away.
-
-        Only `BrokerUnavailable` is retried (and not a refused password); any other
-        error, and cancellation, end the wait at once.
-
-        Args:
-            what: What is being done, for the error ("submitting a task").
-            attempt: One try.
-            deadline: `time.monotonic` time after which no new try starts; default
-                ``unavailable_timeout`` seconds from now.
-
-        Raises:
-            BrokerUnavailable: Redis did not answer before the deadline, naming the URL,
-                the time waited and how to fix it.
-        """
-        began = time.monotonic()
-        if deadline is None:
-            deadline = began + self.unavailable_timeout
-        backoff = Backoff()
-        retried = False
-        while True:
-            try:
-                return await attempt()
-            except BrokerUnavailable as exc:
-                now = time.monotonic()
-                if not transient(exc) or (now >= deadline and not retried):
-                    raise  # nothing was waited for: the error as it came
-                if now >= deadline:
-                    raise self.gave_up(what, now - began, exc) from exc
-                self.outage.lost(exc)
-                retried = True
-                await asyncio.sleep(min(backoff.next(), deadline - now))
-
-    def gave_up(self, what: str, waited: float, exc: BaseException) -> BrokerUnavailable:
-        """The error after ``waited`` seconds of retrying ``what`` in vain."""
-        return BrokerUnavailable(
-            f"Redis at {self.url} did not answer for {waited:.1f}s while {what} (last error: "
-            f"{root_cause(exc)}). Check that the server runs and that the URL (host, port, "
-            f"password, TLS) is right; the broker's unavailable_timeout="
-            f"{self.unavailable_timeout:g}s bounds this wait (raise it to wait longer)."
-        )
 
     async def open(self, channels: Sequence[str]) -> float:
         """Connect, warn about eviction, load the scripts, subscribe to ``channels``.
@@ -643,64 +492,11 @@ class Store:
         except RedisError as exc:
             raise self.unavailable(exc) from exc
 
-    # -- read-only queries -----------------------------------------------------------
-
-    async def depth(self, queues: Sequence[QueueKeys], now_ms: int) -> tuple[int, int]:
-        """Return ``(queued, scheduled)``; delayed tasks already due count as queued."""
-
-        def fill(pipe: Any) -> None:
-            for keys in queues:
-                pipe.zcard(keys.ready)
-                pipe.zcard(keys.delayed)
-                pipe.zcount(keys.delayed, "-inf", now_ms)
-
-        counts = await self.commands(fill)
-        due = sum(counts[2::3])
-        return sum(counts[0::3]) + due, sum(counts[1::3]) - due
-
-    async def statistics(self, queues: Sequence[QueueKeys], now_ms: int) -> BrokerStatistics:
-        """Count the queues' tasks (delayed tasks already due count as queued)."""
-        totals = [0] * 7
-        by_priority: dict[int, int] = {}
-        for keys in queues:
-            reply = await self.call(
-                "stats", [keys.ready, keys.delayed, keys.leases, keys.dead], [keys.prefix, now_ms]
-            )
-            for i in range(7):
-                totals[i] += int(reply[i])
-            for i in range(7, len(reply), 2):
-                priority = int(reply[i])
-                by_priority[priority] = by_priority.get(priority, 0) + int(reply[i + 1])
-        ready, delayed, due, leased, dead, enqueued, finished = totals
-        return BrokerStatistics(
-            queued=ready + due,
-            scheduled=delayed - due,
-            running=leased,
-            dead_letters=dead,
-            capacity=None,
-            queued_by_priority=dict(sorted(by_priority.items(), reverse=True)),
-            enqueued_total=enqueued,
-            finished_total=finished,
-        )
-
-    async def dead_letters(self, keys: QueueKeys) -> list[tuple[str, list[bytes | None]]]:
-        """Return a queue's dead letters, oldest first: (id, [body, outcome, reason, attempt])."""
-        ids: list[bytes] = (await self.commands(lambda pipe: pipe.zrange(keys.dead, 0, -1)))[0]
-        if not ids:
-            return []
-
-        def fill(pipe: Any) -> None:
-            for raw in ids:
-                pipe.hmget(keys.task(raw.decode()), "body", "outcome", "dead", "attempt")
-
-        rows = await self.commands(fill)
-        return [(raw.decode(), row) for raw, row in zip(ids, rows, strict=True)]
-
 
 def _quick_retry() -> Retry:
     """redis-py's retries within one call: redial a dropped connection once or twice, fast.
 
-    Longer waits are the broker's (see `Store.patiently`), which can log and give up.
+    Longer waits are the broker's (see `Outage.patiently`), which can log and give up.
     """
     return Retry(ExponentialBackoff(cap=0.5, base=0.05), _CALL_RETRIES)
 

@@ -1,7 +1,7 @@
 -- An idle worker process registers its free slots on a queue right before it blocks,
 -- so that enqueue.lua can lease a new task to it and push it to its inbox (a hand-off:
 -- the worker has the task without a claim round trip). Sent in one pipeline with the
--- worker's BLPOP on its inboxes and the wake lists (see _redis_claim.py).
+-- worker's BLPOP on its inboxes and the wake lists (see _redis_handoff.py).
 --
 --   {tp:q}:idle            ZSET  worker -> registration expiry, ms on the server's clock
 --   {tp:q}:idle:<worker>   HASH  n (free slots), lease (ms); PEXPIREs with the registration
