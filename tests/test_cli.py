@@ -532,14 +532,16 @@ def test_inspect_shows_queues_by_priority_and_running_tasks_with_their_leases(
         [running] = report["running_tasks"]
         assert (running["id"], running["queue"], running["task"]) == (held, queue, "record")
         assert 0 < running["lease_expires_in"] <= 20.0
-        assert "worker" in running
+        assert running["worker"].startswith(f"{socket.gethostname()}-{os.getpid()}-")
         status, out, _ = run_cli(
             ["inspect", "--broker", url, "--queues", f"{queue},{other}"], capsys
         )
         assert re.search(rf"^{queue} +2 +0 +1 +0  10: 2$", out, re.MULTILINE), out
         assert re.search(r"^total +3 +0 +1 +0  50: 1, 10: 2$", out, re.MULTILINE), out
         assert re.search(
-            rf"^{held} +record +{queue} +0 +expires in \d+\.\ds$", out, re.MULTILINE
+            rf"^{held} +record +{queue} +0 +{socket.gethostname()}-\d+-\w+ +expires in \d+\.\ds$",
+            out,
+            re.MULTILINE,
         ), out
     finally:
         delete_queue(other)

@@ -102,6 +102,7 @@ class Consumer:
                     settings.lease_ms,
                     settings.max_dead_letters,
                     SCAN_WINDOW,
+                    shared.worker,
                 ],
             )
             if reply[0]:

@@ -18,6 +18,8 @@ import itertools
 import logging
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
+from functools import partial
+from time import monotonic as _monotonic
 from typing import Any, final
 
 from taskprocessor.brokers.base import BrokerStatistics
@@ -80,6 +82,11 @@ class MemoryBroker:
             raise ConfigurationError("max_dead_letters", max_dead_letters, "an integer >= 0")
         self.url = "memory://"
         self._clock = clock or LoopClock()
+        # LoopClock.now is time.monotonic behind a Python call: read it directly on the
+        # per-task paths (any other clock, a FakeClock, is called as it is).
+        self._now: Callable[[], float] = (
+            _monotonic if type(self._clock) is LoopClock else self._clock.now
+        )
         self._capacity = capacity
         self._aging = aging
         self._result_ttl = result_ttl
@@ -140,7 +147,43 @@ class MemoryBroker:
             if not block:
                 raise QueueFull(capacity)
             await self._wait_for_room(capacity)
-        now = self._clock.now()
+        self._accept(record)
+
+    def put_nowait(self, record: TaskRecord) -> bool:
+        """Accept a new task at once if there is room; False (and nothing done) when full.
+
+        The synchronous core of `enqueue`, for callers on the loop's thread that want
+        to skip a coroutine per submit (the processor's submit fast path).
+
+        Raises:
+            ProcessorClosed: The broker is closed.
+        """
+        if self._closed:
+            raise ProcessorClosed("the broker is closed; tasks can no longer be submitted")
+        capacity = self._capacity
+        if capacity is not None and self._size >= capacity:
+            return False
+        if record.ttl is not None or record.eta is not None:
+            self._accept(record)
+            return True
+        # _accept and _push_ready for the common task (ready now, no ttl), inline.
+        now = self._now()
+        record.enqueued_at = now
+        self._size += 1
+        self._enqueued_total += 1
+        self._tasks[record.id] = record
+        record.state = _QUEUED
+        aging = self._aging
+        key = -record.priority if aging is None else now - record.priority * aging
+        record.sort_key = key
+        record.seq = seq = next(self._seq)
+        heapq.heappush(self._ready, (key, seq, record))
+        if self._getters:
+            self._wake(self._getters)
+        return True
+
+    def _accept(self, record: TaskRecord) -> None:
+        now = self._now()
         record.enqueued_at = now
         self._size += 1
         self._enqueued_total += 1
@@ -149,7 +192,7 @@ class MemoryBroker:
             start = record.eta if record.eta is not None else now
             expires_at = record.expires_at = start + record.ttl
             self._expiry_timers[record.id] = self._clock.call_at(
-                expires_at, lambda: self._expire(record)
+                expires_at, partial(self._expire, record)
             )
         if record.eta is not None and record.eta > now:
             self._schedule(record, record.eta)
@@ -227,6 +270,29 @@ class MemoryBroker:
 
     # -- the worker side -----------------------------------------------------------
 
+    def get_nowait(self) -> TaskRecord | None:
+        """Return the best ready task RUNNING, or None when none is ready (or closed).
+
+        The synchronous core of `reserve`: a worker tries it first and awaits
+        `reserve` only when it would have to wait.
+        """
+        if self._closed:
+            return None
+        if self._delayed and self._delayed[0][0] <= self._now():
+            self._promote_due(self._now())
+        ready = self._ready
+        while ready:
+            record = heapq.heappop(ready)[2]
+            if record.state is _QUEUED:
+                if record.ttl is not None or self._putters:
+                    return self._take(record)
+                record.state = _RUNNING  # _take, inline for the common task
+                self._size -= 1
+                self._running += 1
+                return record
+            self._stale -= 1
+        return None
+
     async def reserve(self) -> TaskRecord:
         """Wait for the best ready task and return it RUNNING; cancellation-safe."""
         ready = self._ready
@@ -296,7 +362,19 @@ class MemoryBroker:
         dead_letter: str | None = None,
     ) -> None:
         """Record a reserved task's final state and wake whoever awaits it."""
-        self._check_reserved(record)
+        self.ack_nowait(record, state, result, error, dead_letter)
+
+    def ack_nowait(
+        self,
+        record: TaskRecord,
+        state: TaskState,
+        result: Any = None,
+        error: BaseException | None = None,
+        dead_letter: str | None = None,
+    ) -> None:
+        """`ack`, synchronously: the in-memory broker never waits to record an outcome."""
+        if record.state is not _RUNNING:
+            self._check_reserved(record)
         self._running -= 1
         self._finish(record, state, result, error)
         if dead_letter is not None:
@@ -316,7 +394,7 @@ class MemoryBroker:
         record.state = state
         record.result = result
         record.error = error
-        record.finished_at = now = self._clock.now()
+        record.finished_at = now = self._now()
         self._finished_total += 1
         del self._tasks[record.id]
         if self._result_ttl > 0:

@@ -43,6 +43,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -67,6 +69,7 @@ from taskprocessor.task import TaskRecord, TaskState
 __all__ = ["RedisBroker", "RunningTask", "mask_url"]
 
 logger = logging.getLogger(__name__)
+_HOST = socket.gethostname().replace(" ", "_") or "host"
 
 
 class _State(enum.Enum):
@@ -146,7 +149,8 @@ class RedisBroker:
         )
         self.url = settings.masked_url
         self._clock = clock or LoopClock()
-        name = f"taskprocessor-{uuid.uuid4().hex[:12]}"
+        # host-pid-random: unique, and says where a running task is (``inspect``).
+        name = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._worker = name  # its name among idle workers, and in its reply channel
         options = {"socket_connect_timeout": 5.0, "client_name": name}
         store = self._store = Store(

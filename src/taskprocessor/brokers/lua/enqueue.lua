@@ -66,7 +66,7 @@ local function hand_off(score, fields)
       local deadline = int(t + tonumber(f[2]))
       redis.call('ZADD', leases, deadline, id)
       redis.call('HSET', h, 'state', 'running', 'token', token, 'score', score, 'rt', now,
-        unpack(fields))
+        'worker', worker, unpack(fields))
       local inbox = prefix .. 'inbox:' .. worker
       redis.call('RPUSH', inbox, int(token) .. ' ' .. deadline .. ' 0 ' .. now .. ' ' .. #id
         .. '\n' .. id .. body)

@@ -1,7 +1,7 @@
 -- Claim up to n tasks: promote due delayed tasks, take the n best ready ids that every
 -- global limit admits, lease them.
 -- KEYS: ready, delayed, leases, limits (task name -> global limits; see _redis_limits.py)
--- ARGV: prefix, n, now_ms (producer clock, for delays), lease_ms, max_dead, window
+-- ARGV: prefix, n, now_ms (producer clock, for delays), lease_ms, max_dead, window, worker
 -- Returns {wake_ms or '', taken, id, body, attempt, token, ready_since_ms, cancel, ...}:
 -- taken counts ids taken from ready, including any without a body (dead-lettered here);
 -- wake_ms is the earliest of the next delayed task's due time and the time at which a
@@ -38,7 +38,7 @@ local function take(id, h, f, hold)
     return
   end
   local token = redis.call('INCR', prefix .. 'fence')
-  redis.call('HSET', h, 'state', 'running', 'token', token, unpack(hold))
+  redis.call('HSET', h, 'state', 'running', 'token', token, 'worker', ARGV[7], unpack(hold))
   redis.call('ZADD', leases, deadline, id)
   out[#out + 1] = id
   out[#out + 1] = f[1]
