@@ -48,6 +48,7 @@ from test_bench_engine import (
     settle_gc,
     timed_run,
 )
+from test_bench_observability import metrics as metrics_workload
 
 ALLOC_WORKERS = 32
 ALLOC_BATCH = 1_000
@@ -79,6 +80,8 @@ ROWS = (
         32,
         "baseline, 32 workers",
     ),
+    # The same engine workload with MetricsMiddleware on (issue 8: at least 0.5 of baseline).
+    Row("engine, 32 workers, metrics on", metrics_workload, 32, "baseline, 32 workers"),
 )
 
 

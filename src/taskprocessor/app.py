@@ -8,9 +8,12 @@ import contextlib
 import datetime
 import inspect
 import math
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol, final, overload, runtime_checkable
 
 from taskprocessor.brokers import Broker, BrokerStatistics, open_broker
@@ -42,7 +45,7 @@ from taskprocessor.handles import (
     Task,
     _TaskDecorator,
 )
-from taskprocessor.payload import find_unplain
+from taskprocessor.payload import all_simple, find_unplain
 from taskprocessor.resilience.adaptive import AdaptiveLimit
 from taskprocessor.resilience.breaker import BreakerState, BreakerStateChange, CircuitBreaker
 from taskprocessor.resilience.ratelimit import RateLimit
@@ -84,6 +87,13 @@ class _EnforcesGlobalLimits(Protocol):
 
     @property
     def global_limits(self) -> _GlobalLimits: ...
+
+
+@runtime_checkable
+class _PutsNowait(Protocol):
+    """A broker that can accept a task without awaiting (the in-memory one)."""
+
+    def put_nowait(self, record: TaskRecord) -> bool: ...
 
 
 def _keeps_unique_keys(broker: Broker) -> bool:
@@ -196,6 +206,7 @@ class TaskProcessor:
             raise ConfigurationError("grace", grace, "seconds >= 0")
         self.broker: Broker = broker
         self._unique = _keeps_unique_keys(broker)
+        self._put_nowait = broker.put_nowait if isinstance(broker, _PutsNowait) else None
         self._on_error = on_error
         self._max_threads = max_threads
         self._max_processes = max_processes
@@ -208,6 +219,13 @@ class TaskProcessor:
         self._state = ProcessorState.NEW
         self._pool: WorkerPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # submit_threadsafe's hand-off: threads append, the loop drains (no lock).
+        self._inbox: deque[
+            tuple[Task[Any], tuple[Any, ...], dict[str, Any], concurrent.futures.Future[Any]]
+        ] = deque()
+        self._inbox_armed = False
+        self._loop_thread = 0  # threading.get_ident() of the loop's thread, in run()
+        self._submitting: set[asyncio.Task[Any]] = set()  # strong refs until done
 
     # -- registration --------------------------------------------------------------
 
@@ -319,6 +337,7 @@ class TaskProcessor:
             raise ConfigurationError("broker", broker, "a broker URL or a Broker instance")
         self.broker = broker
         self._unique = _keeps_unique_keys(broker)
+        self._put_nowait = broker.put_nowait if isinstance(broker, _PutsNowait) else None
         for definition in self._tasks.values():
             self._bound_lost_attempts(definition)
             self._declare_limits(definition)
@@ -424,8 +443,30 @@ class TaskProcessor:
     ) -> TaskRecord:
         """Validate a submission and build its record (not yet queued)."""
         definition.bind(args, kwargs)
-        if self._validate:
+        if self._validate and (args or kwargs):
             _check_plain(definition.name, args, kwargs)
+        if (
+            priority is None
+            and key is None
+            and timeout is None
+            and ttl is None
+            and delay is None
+            and eta is None
+            and definition.key is None
+        ):
+            # No options and no key function (the common submit): the definition's
+            # defaults as they are, positionally, nothing more to check.
+            return TaskRecord(
+                definition.name,
+                args,
+                kwargs,
+                None,
+                definition.priority,
+                definition.queue,
+                None,
+                definition.timeout,
+                definition.ttl,
+            )
         record = TaskRecord(
             definition.name,
             args,
@@ -477,8 +518,8 @@ class TaskProcessor:
         if unique_key is None:
             if unique_for is not None:
                 raise ConfigurationError("unique_for", unique_for, "None when unique_key is None")
-            self._on_submit(record)
-            await self.broker.enqueue(record, block=block)
+            if not self.enqueue_nowait(record):
+                await self.broker.enqueue(record, block=block)
             return JobHandle(self, record)
         if not self._unique:
             raise ConfigurationError(
@@ -494,6 +535,30 @@ class TaskProcessor:
         enqueue: Any = self.broker.enqueue  # checked above to take the unique options
         await enqueue(record, block=block, **unique)
         return JobHandle(self, record)
+
+    def enqueue_nowait(self, record: TaskRecord) -> bool:
+        """Start submitting a built record; True if it is queued, False to await the broker.
+
+        Checks that submits are accepted and calls the ``on_submit`` hooks, then queues
+        the record at once if the broker can (the in-memory broker with room). On False
+        the caller finishes with ``await processor.broker.enqueue(record, block=...)``.
+        `submit_record` does both; `Task.submit` calls this first to skip a coroutine.
+
+        Raises:
+            ProcessorClosed: The processor is stopping or closed.
+        """
+        state = self._state
+        if state is ProcessorState.STOPPING or state is ProcessorState.CLOSED:
+            self._check_open()
+        definition = self._tasks.get(record.name)
+        if definition is not None:
+            for hook in definition.hooks.on_submit:
+                try:
+                    hook(record)
+                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                    hook_failed(hook)
+        put_nowait = self._put_nowait
+        return put_nowait is not None and put_nowait(record)
 
     async def submit_records(
         self, records: Sequence[TaskRecord], *, block: bool = True
@@ -534,6 +599,99 @@ class TaskProcessor:
         unique = {k: options.pop(k) for k in _UNIQUE_OPTIONS & options.keys()}
         record = self.build_record(definition, args, kwargs, **options)
         return await self.submit_record(record, block=block, **unique)
+
+    def submit_threadsafe(
+        self, task: Task[R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> concurrent.futures.Future[JobHandle[R]]:
+        """``task.submit(*args, **kwargs)`` from another thread; see `Task.submit_threadsafe`.
+
+        Submissions go through a deque that the loop drains in one callback per batch:
+        the calling thread appends and wakes the loop only when no drain is pending,
+        so a burst of submits costs one ``call_soon_threadsafe``, and the loop's side
+        takes no lock.
+
+        Raises:
+            ProcessorClosed: The processor is not running.
+            RuntimeError: Called from the event loop's own thread (await instead).
+        """
+        loop = self._check_other_thread()
+        future: concurrent.futures.Future[JobHandle[R]] = concurrent.futures.Future()
+        self._inbox.append((task, args, kwargs, future))
+        if not self._inbox_armed:
+            # Set before scheduling: a drain that starts now clears it first, then
+            # takes everything appended so far (see _drain_inbox).
+            self._inbox_armed = True
+            try:
+                loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:  # the loop closed under us
+                self._inbox_armed = False
+                self._fail_inbox()
+        return future
+
+    def _drain_inbox(self) -> None:
+        """Submit everything threads queued (on the loop's thread, from one callback)."""
+        self._inbox_armed = False  # first: an append from now on schedules a new drain
+        inbox = self._inbox
+        while inbox:
+            task, args, kwargs, future = inbox.popleft()
+            # One lock operation that both checks for a cancel() by the submitter and
+            # stops any later one: from here the submit goes through.
+            if not future.set_running_or_notify_cancel():
+                continue
+            coro: Coroutine[Any, Any, JobHandle[Any]]
+            if _OPTIONS.isdisjoint(kwargs):
+                # No options: the whole submit runs synchronously when the broker can
+                # queue at once, with no task or coroutine per call.
+                try:
+                    record = self.build_record(task.definition, args, kwargs)
+                    if self.enqueue_nowait(record):
+                        future.set_result(JobHandle(self, record))
+                        continue
+                except Exception as exc:  # noqa: BLE001 - the submitter's error, for its future
+                    future.set_exception(exc)
+                    continue
+                coro = self._enqueue_built(record)
+            else:
+                coro = task.submit(*args, **kwargs)
+            pending = asyncio.get_running_loop().create_task(coro)
+            self._submitting.add(pending)
+            pending.add_done_callback(partial(self._submitted, future))
+
+    async def _enqueue_built(self, record: TaskRecord) -> JobHandle[Any]:
+        await self.broker.enqueue(record)
+        return JobHandle(self, record)
+
+    def _submitted(
+        self, future: concurrent.futures.Future[Any], pending: asyncio.Task[Any]
+    ) -> None:
+        self._submitting.discard(pending)
+        if pending.cancelled():
+            future.set_exception(ProcessorClosed("the submit was cancelled at shutdown"))
+        elif (error := pending.exception()) is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(pending.result())
+
+    def _fail_inbox(self) -> None:
+        """Fail what threads submitted after the loop stopped draining (at close)."""
+        inbox = self._inbox
+        while inbox:
+            future = inbox.popleft()[3]
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ProcessorClosed("the processor closed before the submit"))
+
+    def _check_other_thread(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or self._state is not ProcessorState.RUNNING:
+            raise ProcessorClosed("submit_threadsafe needs a running processor (inside run())")
+        # The thread id, not get_running_loop(): that raises (about 1 us) on every
+        # call from the threads this method is for.
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError(
+                "submit_threadsafe was called on the event loop's own thread, where blocking "
+                "on its result would deadlock; use 'await task.submit(...)' instead"
+            )
+        return loop
 
     def call_threadsafe(self, coro: Awaitable[R]) -> concurrent.futures.Future[R]:
         """Run a coroutine of this processor from another thread; returns a concurrent future.
@@ -614,6 +772,7 @@ class TaskProcessor:
                 "create a new one to run again"
             )
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         for definition in self._tasks.values():
             definition.activate()
         await self.broker.start()
@@ -641,6 +800,7 @@ class TaskProcessor:
                     self._state = ProcessorState.STOPPING
         finally:
             self._state = ProcessorState.CLOSED
+            self._fail_inbox()
             await self.broker.aclose()
 
     def _running_pool(self) -> WorkerPool:
@@ -701,8 +861,8 @@ def _seconds(setting: str, value: object) -> float:
 
 
 def _check_plain(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if not args and not kwargs:
-        return
+    if all_simple(args) and all_simple(kwargs.values()) and all_simple(kwargs):
+        return  # scalars only (the usual ids and counts): no paths to build
     where = find_unplain(args, "args") or find_unplain(kwargs, "kwargs")
     if where is not None:
         raise PayloadError(

@@ -10,17 +10,35 @@ Python ``str`` that UTF-8, and so the wire, cannot carry.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
-__all__ = ["find_unplain"]
+__all__ = ["all_simple", "find_unplain"]
 
 _SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 _MAX_DEPTH: Final = 100
+_SIMPLE: Final = frozenset({int, float, bool, type(None)})
 
 
 def find_unplain(value: object, path: str = "") -> str | None:
     """Return where ``value`` stops being plain data (``"[0]['when']: datetime"``), or None."""
     return _find(value, path, 0)
+
+
+def all_simple(values: Iterable[object]) -> bool:
+    """Whether every value is a number, a bool, None or an ASCII str: plain at a glance.
+
+    The common arguments (ids, counts, names), checked without building the paths
+    `find_unplain` reports; False only means "look closer", not "not plain".
+    """
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            if not value.isascii():  # type: ignore[attr-defined]
+                return False
+        elif kind not in _SIMPLE:
+            return False
+    return True
 
 
 def _find(value: object, path: str, depth: int) -> str | None:

@@ -140,15 +140,19 @@ class TaskDefinition:
         middleware: Middleware of this task type (the processor's come first).
         hooks: The resolved observer hooks of ``middleware``.
         admitters: The admission stages among ``middleware``, in order.
+        gated: Whether a reserved task must pass admission stages or a concurrency
+            limit before it starts (the worker's fast path skips both when not).
     """
 
     __slots__ = (
+        "_arities",
         "_shapes",
         "admitters",
         "concurrency",
         "cpu_bound",
         "distributed",
         "fn",
+        "gated",
         "hooks",
         "is_async",
         "key",
@@ -221,6 +225,7 @@ class TaskDefinition:
         # Argument shapes (positional count, keyword names) that bind() accepted: whether a
         # call binds depends on nothing else, so a known shape skips Signature.bind (~3 us).
         self._shapes: set[tuple[int, frozenset[str]]] = set()
+        self._arities: set[int] = set()  # positional counts among _shapes with no keywords
         self.priority = validate_priority(priority)
         self.timeout = check_timeout("timeout", timeout)
         self.ttl = check_timeout("ttl", ttl)
@@ -244,7 +249,7 @@ class TaskDefinition:
             )
         self.scope = scope
         self.distributed = False
-        self.limits = Limits(
+        self.limits = limits = Limits(
             rate_limit=None if rate_limit is None else as_rate_limit("rate_limit", rate_limit),
             key_rate_limit=None
             if key_rate_limit is None
@@ -252,8 +257,7 @@ class TaskDefinition:
             concurrency=_check_limit("concurrency", concurrency),
             key_concurrency=_check_limit("key_concurrency", key_concurrency),
         )
-        self.concurrency = self.limits.concurrency
-        self.key_concurrency = self.limits.key_concurrency
+        self.concurrency, self.key_concurrency = limits.concurrency, limits.key_concurrency
         if key is not None and not callable(key):
             raise ConfigurationError("key", key, "a function of the task's arguments")
         self.key = key
@@ -274,6 +278,7 @@ class TaskDefinition:
         )
         self.hooks = Hooks(self.middleware)
         self.admitters = self.hooks.admitters()
+        self.gated = self._gated()
 
     def distribute(self, enforced: bool) -> None:
         """Say whether the broker enforces this type's ``scope="global"`` limits.
@@ -309,9 +314,17 @@ class TaskDefinition:
                 active.append(middleware)
         self.hooks = Hooks(active)
         self.admitters = self.hooks.admitters()
+        self.gated = self._gated()
+
+    def _gated(self) -> bool:
+        return bool(self.admitters) or (
+            self.concurrency is not None or self.key_concurrency is not None
+        )
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Check that the handler accepts these arguments, or raise `TypeError` naming the task."""
+        if not kwargs and len(args) in self._arities:
+            return  # the common call shape, without building a frozenset
         shape = (len(args), frozenset(kwargs))
         if shape in self._shapes:
             return
@@ -321,6 +334,8 @@ class TaskDefinition:
             raise TypeError(f"task {self.name!r} called with bad arguments: {exc}") from None
         if len(self._shapes) < 64:  # bounded: keyword sets come from the caller
             self._shapes.add(shape)
+            if not kwargs:
+                self._arities.add(len(args))
 
     def key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """Return the concurrency key of a submission, from the key function if any."""

@@ -17,14 +17,14 @@ import contextlib
 import enum
 import itertools
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Any, Final, final
+from typing import Any, Final, Protocol, final, runtime_checkable
 
 from taskprocessor.brokers.base import Broker
-from taskprocessor.clock import Clock, clock_timeout
+from taskprocessor.clock import Clock, Timer, clock_timeout
 from taskprocessor.engine.admission import Admission
 from taskprocessor.engine.definition import TaskDefinition
 from taskprocessor.engine.executors import Executors
@@ -52,6 +52,7 @@ __all__ = ["PoolState", "PoolStatistics", "ShutdownReport", "WorkerPool"]
 logger = logging.getLogger(__name__)
 
 _CANCELLED, _TIMED_OUT, _SHUT_DOWN = CANCELLED, TIMED_OUT, SHUT_DOWN
+_SUCCEEDED: Final = TaskState.SUCCEEDED
 _new_outcome: Final = tuple.__new__
 
 # How long shutdown waits for interrupted handlers to return before giving up on them.
@@ -126,16 +127,46 @@ class ShutdownReport:
     threads_abandoned: int = 0
 
 
+@runtime_checkable
+class _InProcessBroker(Protocol):
+    """A broker whose reserve and ack can complete synchronously (the in-memory one)."""
+
+    def get_nowait(self) -> TaskRecord | None: ...
+
+    def ack_nowait(
+        self,
+        record: TaskRecord,
+        state: TaskState,
+        result: Any = None,
+        error: BaseException | None = None,
+        dead_letter: str | None = None,
+    ) -> None: ...
+
+
 @final
 class _Worker:
-    __slots__ = ("busy", "cancel_sent", "ctx", "id", "interrupt", "retiring", "task")
+    __slots__ = (
+        "busy",
+        "cancel_sent",
+        "ctx",
+        "id",
+        "interrupt",
+        "record",
+        "retiring",
+        "task",
+        "timer",
+    )
 
     def __init__(self, worker_id: int) -> None:
         self.id = worker_id
         self.task: asyncio.Task[None] | None = None
         self.busy = False
         self.retiring = False
+        # The attempt running its handler, and its context: made up front only when
+        # something reads it (see WorkerPool._context), as most handlers never do.
+        self.record: TaskRecord | None = None
         self.ctx: TaskContext | None = None
+        self.timer: Timer | None = None  # the running attempt's deadline
         self.interrupt: str | None = None
         self.cancel_sent = False
 
@@ -205,6 +236,11 @@ class WorkerPool:
             0,
         )
         self._settler = Settler(broker, registry, clock, on_error, self._counts)
+        self._get_nowait: Callable[[], TaskRecord | None] | None = None
+        self._ack_nowait: Callable[[TaskRecord, TaskState, Any], None] | None = None
+        if isinstance(broker, _InProcessBroker):
+            self._get_nowait = broker.get_nowait
+            self._ack_nowait = broker.ack_nowait
         broker.on_cancel_running(self._on_cancel_running)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -317,7 +353,7 @@ class WorkerPool:
         interrupted = 0
         for worker in list(self._workers.values()):
             worker.retiring = True
-            if worker.busy and worker.ctx is not None:
+            if worker.busy and worker.record is not None:
                 interrupted += 1
                 self._interrupt(worker, _SHUT_DOWN)
             elif not worker.busy and worker.task is not None:
@@ -373,7 +409,7 @@ class WorkerPool:
             async with clock_timeout(self._clock, _HARD_STOP):
                 await self._all_exited.wait()
         except TimeoutError:
-            stuck = [w.ctx.task_id for w in self._workers.values() if w.ctx is not None]
+            stuck = [w.record.id for w in self._workers.values() if w.record is not None]
             logger.error(  # noqa: TRY400 - the timeout is ours, its traceback says nothing
                 "%d worker(s) did not stop within %gs of being interrupted; their handlers "
                 "ignore cancellation (tasks %s). Cancelling them once more.",
@@ -387,24 +423,109 @@ class WorkerPool:
 
     # -- the worker loop -----------------------------------------------------------
 
-    async def _work(self, worker: _Worker) -> None:
+    async def _work(self, worker: _Worker) -> None:  # noqa: PLR0912, PLR0915 - see the docstring
+        """Reserve, run and settle tasks until retired or cancelled.
+
+        The whole per-task path is in this one coroutine on purpose: reserving (from an
+        in-process broker), running the handler and recording a success create no
+        coroutine of their own, each of which would cost a coroutine object, a frame
+        and about 0.3 us per task on the engine's hottest path. Admission, limits,
+        failures and interrupts, the rarer paths, are in helpers.
+        """
         broker = self._broker
+        registry = self._registry
+        clock = self._clock
+        durable = broker.durable
+        get_nowait = self._get_nowait
         try:
             while not worker.retiring:
-                try:
-                    record = await broker.reserve()
-                except ProcessorClosed:
-                    return
-                except BrokerError:
-                    logger.exception("worker %d could not reserve a task; backing off", worker.id)
-                    await self._clock.sleep(_BROKER_BACKOFF)
-                    continue
+                # Take a ready task without a coroutine when the broker can; await
+                # reserve() only to wait (or for a broker that must always await).
+                record = None if get_nowait is None else get_nowait()
+                if record is None:
+                    try:
+                        record = await broker.reserve()
+                    except ProcessorClosed:
+                        return
+                    except BrokerError:
+                        logger.exception(
+                            "worker %d could not reserve a task; backing off", worker.id
+                        )
+                        await clock.sleep(_BROKER_BACKOFF)
+                        continue
                 worker.busy = True
                 self._busy += 1
                 if self._watching:
                     self._changed.set()
                 try:
-                    await self._handle(worker, record)
+                    definition = registry.get(record.name)
+                    gated = definition is None or durable or definition.gated
+                    if gated:
+                        definition = await self._admit(record, definition)
+                        if definition is None:
+                            continue  # settled, deferred or parked
+                    assert definition is not None  # noqa: S101 - narrowed for mypy
+                    hooks = definition.hooks
+                    try:
+                        now = clock.now()
+                        if (
+                            record.attempt == 0
+                            and record.expires_at is not None
+                            and now >= record.expires_at
+                        ):
+                            await self._expired(record, hooks)
+                            continue
+                        states = self._begin(worker, record, definition, hooks, now)
+                        # Run the handler (under its deadline, armed by _begin).
+                        result: Any = None
+                        error: Exception | None = None
+                        try:
+                            ctx = worker.ctx
+                            if ctx is None:
+                                result = await definition.fn(*record.args, **record.kwargs)
+                            elif not definition.is_async:
+                                result = await self._executors.run(definition, ctx, record)
+                            elif definition.takes_context:
+                                result = await definition.fn(ctx, *record.args, **record.kwargs)
+                            else:
+                                result = await definition.fn(*record.args, **record.kwargs)
+                        except asyncio.CancelledError:
+                            if not self._take_back_interrupt(worker):
+                                await self._settler.outer_cancel(record)
+                                raise
+                            result = None
+                        except Exception as exc:  # noqa: BLE001 - a handler's error is an outcome
+                            self._take_back_interrupt(worker)
+                            error = exc
+                        else:
+                            if worker.interrupt is not None:
+                                self._take_back_interrupt(worker)
+                        finally:
+                            ctx = self._end(worker, record)
+                        reason = None if ctx is None else ctx._reason
+                        if ctx is not None and hooks.after_run:
+                            _after_run(
+                                hooks, record, ctx, states, error, started=now, finished=clock.now()
+                            )
+                        if reason is not None or error is not None:
+                            await self._settler.settle(
+                                record, definition, hooks, reason=reason, result=result, error=error
+                            )
+                        else:  # a success: Settler.ack's steps, inline (see the docstring)
+                            self._counts["succeeded"] += 1
+                            if self._ack_nowait is not None:
+                                self._ack_nowait(record, _SUCCEEDED, result)
+                            else:
+                                await broker.ack(record, _SUCCEEDED, result=result)
+                            if hooks.on_settled:
+                                _on_settled(hooks, record)
+                    except (asyncio.CancelledError, BrokerError):
+                        raise  # a broker that could not record the outcome: see below
+                    except Exception:  # noqa: BLE001 - _internal_error logs it with its traceback
+                        await self._internal_error(record)
+                    finally:
+                        if gated:
+                            await self._release_admitted(record, definition)
                 except BrokerError as exc:
                     # The broker could not record the outcome (Redis unreachable for a
                     # whole lease, say): the worker goes on, and a durable broker's
@@ -423,40 +544,92 @@ class WorkerPool:
         finally:
             self._forget(worker)
 
+    def _begin(
+        self,
+        worker: _Worker,
+        record: TaskRecord,
+        definition: TaskDefinition,
+        hooks: Hooks,
+        now: float,
+    ) -> list[Any] | None:
+        """Start an attempt: count it, call before_run, mark it running, arm its deadline.
+
+        Returns what the before_run hooks returned, for the after_run hooks. A context
+        is made here only when something reads it (see `_context`).
+        """
+        record.attempt += 1
+        record.started_at = now
+        if now - record.enqueued_at > self._max_queue_wait:  # noqa: PLR1730 - no call per task
+            self._max_queue_wait = now - record.enqueued_at
+        deadline = None if record.timeout is None else now + record.timeout
+        ctx = None
+        if (
+            deadline is not None
+            or definition.takes_context
+            or not definition.is_async
+            or hooks.before_run
+            or hooks.after_run
+        ):
+            ctx = TaskContext(record, definition.retry.max_attempts, deadline, self._clock)
+        states = _before_run(hooks, record, ctx) if ctx is not None and hooks.before_run else None
+        worker.ctx = ctx
+        worker.record = record
+        self._running[record.id] = worker
+        if deadline is not None:
+            worker.timer = self._clock.call_at(
+                deadline, partial(self._interrupt, worker, _TIMED_OUT)
+            )
+        return states
+
+    def _end(self, worker: _Worker, record: TaskRecord) -> TaskContext | None:
+        """The handler returned or raised: disarm, unmark; return the context, if made."""
+        timer = worker.timer
+        if timer is not None:
+            worker.timer = None
+            timer.cancel()
+        del self._running[record.id]
+        ctx = worker.ctx  # made by an interrupt if _begin did not make it
+        worker.ctx = None
+        worker.record = None
+        return ctx
+
     def _forget(self, worker: _Worker, _task: object = None) -> None:
         if self._workers.pop(worker.id, None) is not None and not self._workers:
             self._all_exited.set()
 
-    async def _handle(self, worker: _Worker, record: TaskRecord) -> None:
-        definition = self._registry.get(record.name)
+    async def _admit(
+        self, record: TaskRecord, definition: TaskDefinition | None
+    ) -> TaskDefinition | None:
+        """Pass a gated task through its admission stages and concurrency limits.
+
+        Returns the definition to run it with, or None when the task is not to run now:
+        dead-lettered (unknown or unfit for this worker), rejected, deferred by a stage
+        or parked behind a full limit. After a run, call `_release_admitted`.
+        """
         if definition is None or self._broker.durable:
             definition = await self._runnable(record, definition)
             if definition is None:
-                return
-        hooks = definition.hooks
+                return None
         chain = definition.admitters
         if chain:
             verdict = self._admission.admit(chain, record, definition)
             if verdict is not None:
                 if not isinstance(verdict, Defer):
-                    await self._settler.reject(record, definition, verdict, hooks)
-                return  # deferred: parked until it may ask again
+                    await self._settler.reject(record, definition, verdict, definition.hooks)
+                return None  # deferred: parked until it may ask again
         limited = definition.concurrency is not None or definition.key_concurrency is not None
         if limited and not self._limits.try_acquire(definition, record):
             if chain:
                 self._admission.revoke(chain, record, definition)
-            return  # parked; handed back when a slot frees
-        try:
-            await self._execute(worker, record, definition, hooks)
-        except (asyncio.CancelledError, BrokerError):
-            raise  # a broker that could not record the outcome: not a bug here (see _work)
-        except Exception:  # noqa: BLE001 - _internal_error logs it with its traceback
-            await self._internal_error(record)
-        finally:
-            if chain:
-                self._admission.finished(chain)
-            if limited:
-                await self._hand_back(self._limits.release(definition, record))
+            return None  # parked; handed back when a slot frees
+        return definition
+
+    async def _release_admitted(self, record: TaskRecord, definition: TaskDefinition) -> None:
+        """A task `_admit` let through ended: free its stages' and limits' places."""
+        if definition.admitters:
+            self._admission.finished(definition.admitters)
+        if definition.concurrency is not None or definition.key_concurrency is not None:
+            await self._hand_back(self._limits.release(definition, record))
 
     async def _internal_error(self, record: TaskRecord) -> None:
         """Log a bug in settling and fail the task, rather than leave its waiters hanging.
@@ -527,78 +700,10 @@ class WorkerPool:
         except Exception:
             logger.exception("could not hand a parked task back after %s ended", task_id)
 
-    async def _execute(
-        self, worker: _Worker, record: TaskRecord, definition: TaskDefinition, hooks: Hooks
-    ) -> None:
-        now = self._clock.now()
-        if record.attempt == 0 and record.expires_at is not None and now >= record.expires_at:
-            self._counts["expired"] += 1
-            expired = TaskExpired(task_id=record.id, task_name=record.name, ttl=record.ttl or 0.0)
-            await self._settler.ack(hooks, record, TaskState.EXPIRED, error=expired)
-            return
-        record.attempt += 1
-        record.started_at = now
-        self._max_queue_wait = max(self._max_queue_wait, now - record.enqueued_at)
-        deadline = None if record.timeout is None else now + record.timeout
-        ctx = TaskContext(
-            record, max_attempts=definition.retry.max_attempts, deadline=deadline, clock=self._clock
-        )
-        states: list[Any] | None = None
-        if hooks.before_run:
-            states = [None] * len(hooks.middleware)
-            for i, before in hooks.before_run:
-                try:
-                    states[i] = before(record, ctx)
-                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                    hook_failed(before)
-        result, error = await self._run_handler(worker, record, definition, ctx)
-        reason = ctx.cancel_reason
-        if hooks.after_run:
-            # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level call.
-            outcome = _new_outcome(
-                Outcome, (attempt_state(reason, error), error, now, self._clock.now())
-            )
-            for i, after in hooks.after_run:
-                try:
-                    after(record, ctx, outcome, None if states is None else states[i])
-                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                    hook_failed(after)
-        await self._settler.settle(
-            record, definition, hooks, reason=reason, result=result, error=error
-        )
-
-    async def _run_handler(
-        self, worker: _Worker, record: TaskRecord, definition: TaskDefinition, ctx: TaskContext
-    ) -> tuple[Any, Exception | None]:
-        """Await the handler under its deadline; return its result or its exception."""
-        worker.ctx = ctx
-        self._running[record.id] = worker
-        timer = None
-        if ctx.deadline is not None:
-            timer = self._clock.call_at(ctx.deadline, partial(self._interrupt, worker, _TIMED_OUT))
-        try:
-            if not definition.is_async:
-                result = await self._executors.run(definition, ctx, record)
-            elif definition.takes_context:
-                result = await definition.fn(ctx, *record.args, **record.kwargs)
-            else:
-                result = await definition.fn(*record.args, **record.kwargs)
-        except asyncio.CancelledError:
-            if not self._take_back_interrupt(worker):
-                await self._settler.outer_cancel(record)
-                raise
-            return None, None
-        except Exception as exc:  # noqa: BLE001 - a handler's error is an outcome, not a crash
-            self._take_back_interrupt(worker)
-            return None, exc
-        else:
-            self._take_back_interrupt(worker)
-            return result, None
-        finally:
-            if timer is not None:
-                timer.cancel()
-            del self._running[record.id]
-            worker.ctx = None
+    async def _expired(self, record: TaskRecord, hooks: Hooks) -> None:
+        self._counts["expired"] += 1
+        expired = TaskExpired(task_id=record.id, task_name=record.name, ttl=record.ttl or 0.0)
+        await self._settler.ack(hooks, record, TaskState.EXPIRED, error=expired)
 
     def _take_back_interrupt(self, worker: _Worker) -> bool:
         """Balance the cancel() an interrupt sent; return False if another cancel is pending."""
@@ -615,7 +720,7 @@ class WorkerPool:
 
     def _interrupt(self, worker: _Worker, reason: str) -> None:
         """Stop the attempt ``worker`` is running, for ``reason``."""
-        ctx = worker.ctx
+        ctx = self._context(worker)
         if ctx is None or worker.cancel_sent:
             return
         if worker.interrupt is None:
@@ -629,10 +734,25 @@ class WorkerPool:
             worker.cancel_sent = True
             task.cancel()
 
+    def _context(self, worker: _Worker) -> TaskContext | None:
+        """The context of the attempt ``worker`` runs, made now if it was not yet needed.
+
+        Only the attempts with a deadline, hooks, a thread or a ``ctx`` parameter get
+        one up front; an interrupt makes it here (it records the reason), so that most
+        tasks are never charged for a context nobody reads.
+        """
+        ctx = worker.ctx
+        record = worker.record
+        if ctx is None and record is not None:
+            definition = self._registry.get(record.name)
+            attempts = definition.retry.max_attempts if definition is not None else 1
+            ctx = worker.ctx = TaskContext(record, attempts, None, self._clock)
+        return ctx
+
     def _on_cancel_running(self, task_id: str) -> None:
         worker = self._running.get(task_id)
         if worker is not None:
-            ctx = worker.ctx
+            ctx = self._context(worker)
             if ctx is not None and worker.interrupt not in (None, _CANCELLED):
                 # A timeout (or shutdown) already stopping the attempt would retry it,
                 # but the caller was told the task is cancelled: the cancel wins.
@@ -692,8 +812,8 @@ class WorkerPool:
     def _running_by_task(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for worker in self._running.values():
-            if worker.ctx is not None:
-                name = worker.ctx.task_name
+            if worker.record is not None:
+                name = worker.record.name
                 counts[name] = counts.get(name, 0) + 1
         return counts
 
@@ -702,6 +822,47 @@ class WorkerPool:
             f"<WorkerPool {self._state.value} workers={self.size} busy={self._busy} "
             f"parked={self._limits.parked + self._admission.parked}>"
         )
+
+
+def _before_run(hooks: Hooks, record: TaskRecord, ctx: TaskContext) -> list[Any]:
+    """Call the before_run hooks; return what each returned, by middleware index."""
+    states: list[Any] = [None] * len(hooks.middleware)
+    for i, before in hooks.before_run:
+        try:
+            states[i] = before(record, ctx)
+        except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+            hook_failed(before)
+    return states
+
+
+def _after_run(
+    hooks: Hooks,
+    record: TaskRecord,
+    ctx: TaskContext,
+    states: list[Any] | None,
+    error: Exception | None,
+    *,
+    started: float,
+    finished: float,
+) -> None:
+    """Call the after_run hooks (already in reverse order) with the attempt's `Outcome`."""
+    # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level call.
+    outcome = _new_outcome(
+        Outcome, (attempt_state(ctx.cancel_reason, error), error, started, finished)
+    )
+    for i, after in hooks.after_run:
+        try:
+            after(record, ctx, outcome, None if states is None else states[i])
+        except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+            hook_failed(after)
+
+
+def _on_settled(hooks: Hooks, record: TaskRecord) -> None:
+    for hook in hooks.on_settled:
+        try:
+            hook(record)
+        except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+            hook_failed(hook)
 
 
 def check_workers(workers: object) -> int:
