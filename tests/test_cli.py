@@ -684,3 +684,20 @@ def test_program_submit_then_inspect_json_with_settings_from_pyproject(
     bad = run_program(["inspect", "--grace-period", "3"], tmp_path)
     assert bad.returncode == 2
     one_error_line(bad.stderr, "taskprocessor inspect")
+
+
+def test_one_shot_commands_give_up_on_an_unreachable_redis_within_seconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A person waits for inspect/submit/cancel: they stop after 3 s, not a worker's 10 s;
+    a URL's own unavailable_timeout still wins."""
+    from taskprocessor._cli_admin import command_url
+
+    assert command_url("redis://h/0") == "redis://h/0?unavailable_timeout=3"
+    assert command_url("redis://h/0?queues=a") == "redis://h/0?queues=a&unavailable_timeout=3"
+    assert command_url("redis://h/0?unavailable_timeout=0") == "redis://h/0?unavailable_timeout=0"
+    assert command_url("memory://") == "memory://"
+    status, _, err = run_cli(["inspect", "--broker", f"redis://:{SECRET}@127.0.0.1:1/0"], capsys)
+    assert status == 1
+    assert "unavailable_timeout=3s" in err
+    assert SECRET not in err

@@ -95,9 +95,9 @@ def admin_broker(settings: Settings) -> Broker:
             declared = [definition.queue for definition in app.tasks.values()]
             broker = app.broker
             if settings.broker_url is not None:
-                broker = open_broker(settings.broker_url, clock=app.clock)
+                broker = open_broker(command_url(settings.broker_url), clock=app.clock)
         elif settings.broker_url is not None:
-            broker = open_broker(settings.broker_url, clock=LoopClock())
+            broker = open_broker(command_url(settings.broker_url), clock=LoopClock())
         else:
             raise Usage(f"{NO_APP}; or name the broker with --broker or {BROKER_URL_ENV}", 2)
         require_shared(broker)
@@ -107,6 +107,19 @@ def admin_broker(settings: Settings) -> Broker:
     except (ConfigurationError, ImportError) as exc:
         raise Usage(str(exc), 2) from None
     return broker
+
+
+# A person waits for these commands: give up on an unreachable Redis sooner than a
+# worker does (a URL that sets unavailable_timeout itself keeps it).
+COMMAND_UNAVAILABLE_TIMEOUT = 3.0
+
+
+def command_url(url: str) -> str:
+    """``url`` with ``unavailable_timeout`` set for a one-shot command, unless it has one."""
+    if "unavailable_timeout=" in url or not url.startswith(("redis", "unix")):
+        return url
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}unavailable_timeout={COMMAND_UNAVAILABLE_TIMEOUT:g}"
 
 
 def _queues_of(broker: Broker) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from taskprocessor._cli_admin import (
     NO_APP,
     Usage,
     cancel_command,
+    command_url,
     dead_letters_command,
     inspect_command,
     run_on,
@@ -555,8 +556,14 @@ def _place_positionals(label: str, args: argparse.Namespace, extra: list[str]) -
             _fail(label, f"give one dead letter's ID or --all (see '{label} --help')", 2)
 
 
-def _load(settings: Settings, queues: Sequence[str] | None) -> TaskProcessor:
-    """The app named by the settings, on the shared broker (and ``queues``)."""
+def _load(
+    settings: Settings, queues: Sequence[str] | None, *, one_shot: bool = False
+) -> TaskProcessor:
+    """The app named by the settings, on the shared broker (and ``queues``).
+
+    ``one_shot``: a command a person waits for (not a worker): a broker URL without its
+    own ``unavailable_timeout`` gives up on an unreachable Redis after a few seconds.
+    """
     from taskprocessor.errors import ConfigurationError  # noqa: PLC0415 - keep --help fast
     from taskprocessor.worker import load_app, use_shared_broker  # noqa: PLC0415
 
@@ -564,7 +571,10 @@ def _load(settings: Settings, queues: Sequence[str] | None) -> TaskProcessor:
         raise Usage(NO_APP, 2)
     try:
         app = load_app(settings.app)
-        use_shared_broker(app, settings.broker_url, queues)
+        url = settings.broker_url
+        if one_shot and url is not None:
+            url = command_url(url)
+        use_shared_broker(app, url, queues)
     except (ConfigurationError, ImportError) as exc:
         raise Usage(str(exc), 2) from None
     return app
@@ -610,7 +620,7 @@ def _submit(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         UnknownTask,
     )
 
-    app = _load(settings, None)
+    app = _load(settings, None, one_shot=True)
     definition = app.tasks.get(args.task)
     if definition is None:
         raise Usage(str(UnknownTask(args.task, tuple(app.tasks))), 2)
