@@ -6,20 +6,23 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime
-import inspect
-import math
-import threading
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Protocol, final, overload, runtime_checkable
+from typing import Any, final, overload
 
+from taskprocessor._declarations import TaskDeclarations
+from taskprocessor._submit_checks import (
+    PutsNowait,
+    check_plain,
+    delay_of,
+    keeps_unique_keys,
+    seconds,
+)
+from taskprocessor._threadsafe import ThreadsafeSubmitter
 from taskprocessor.brokers import Broker, BrokerStatistics, open_broker
 from taskprocessor.clock import Clock, LoopClock
 from taskprocessor.engine.autoscaler import Autoscale, run_autoscaler
-from taskprocessor.engine.definition import KeyFunction, Limits, TaskDefinition
+from taskprocessor.engine.definition import KeyFunction, TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
 from taskprocessor.engine.middleware import Hooks, Middleware, hook_failed
@@ -33,7 +36,6 @@ from taskprocessor.engine.pool import (
 from taskprocessor.engine.stages import AdaptiveStage, BreakerStage
 from taskprocessor.errors import (
     ConfigurationError,
-    PayloadError,
     ProcessorClosed,
     UnknownTask,
 )
@@ -45,65 +47,14 @@ from taskprocessor.handles import (
     Task,
     _TaskDecorator,
 )
-from taskprocessor.payload import all_simple, find_unplain
+from taskprocessor.payload import find_unplain
 from taskprocessor.resilience.adaptive import AdaptiveLimit
-from taskprocessor.resilience.breaker import BreakerState, BreakerStateChange, CircuitBreaker
+from taskprocessor.resilience.breaker import BreakerState, CircuitBreaker
 from taskprocessor.resilience.ratelimit import RateLimit
 from taskprocessor.resilience.retry import RetryPolicy
 from taskprocessor.task import Priority, TaskRecord, validate_priority
 
 __all__ = ["ProcessorState", "ProcessorStatistics", "TaskProcessor"]
-
-# Submit options beyond the engine's: an idempotency key, for brokers that keep them.
-
-
-@runtime_checkable
-class _BoundsLostAttempts(Protocol):
-    """A broker that dead-letters a task whose worker was lost after enough attempts."""
-
-    def set_max_attempts(self, task_name: str, attempts: int) -> None: ...
-
-
-class _GlobalLimits(Protocol):
-    """A broker's enforcement of limits across processes (Redis: ``_redis_limits``)."""
-
-    def declare(
-        self,
-        task_name: str,
-        *,
-        rate_limit: RateLimit | None = None,
-        key_rate_limit: RateLimit | None = None,
-        concurrency: int | None = None,
-        key_concurrency: int | None = None,
-        breaker: str | None = None,
-    ) -> bool: ...
-
-    def breaker_changed(self, name: str, open_for: float | None) -> None: ...
-
-
-@runtime_checkable
-class _EnforcesGlobalLimits(Protocol):
-    """A broker that enforces ``scope="global"`` limits and shared breakers across processes."""
-
-    @property
-    def global_limits(self) -> _GlobalLimits: ...
-
-
-@runtime_checkable
-class _PutsNowait(Protocol):
-    """A broker that can accept a task without awaiting (the in-memory one)."""
-
-    def put_nowait(self, record: TaskRecord) -> bool: ...
-
-
-def _keeps_unique_keys(broker: Broker) -> bool:
-    """Whether ``broker.enqueue`` takes ``unique_key`` and ``unique_for`` (as Redis's does)."""
-    try:
-        parameters = inspect.signature(broker.enqueue).parameters
-    except (TypeError, ValueError):
-        return False
-    return parameters.keys() >= _UNIQUE_OPTIONS
-
 
 ProcessorState = PoolState
 """Lifecycle of a `TaskProcessor` (the same states as its pool's): submits are accepted
@@ -205,8 +156,8 @@ class TaskProcessor:
         if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
             raise ConfigurationError("grace", grace, "seconds >= 0")
         self.broker: Broker = broker
-        self._unique = _keeps_unique_keys(broker)
-        self._put_nowait = broker.put_nowait if isinstance(broker, _PutsNowait) else None
+        self._unique = keeps_unique_keys(broker)
+        self._put_nowait = broker.put_nowait if isinstance(broker, PutsNowait) else None
         self._on_error = on_error
         self._max_threads = max_threads
         self._max_processes = max_processes
@@ -214,18 +165,10 @@ class TaskProcessor:
         self._validate = validate_payloads
         self._middleware = tuple(Hooks(middleware).middleware)  # validates the items
         self._tasks: dict[str, TaskDefinition] = {}
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._shared_breakers: set[str] = set()
+        self._declarations = TaskDeclarations(lambda: self.broker)
         self._state = ProcessorState.NEW
         self._pool: WorkerPool | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # submit_threadsafe's hand-off: threads append, the loop drains (no lock).
-        self._inbox: deque[
-            tuple[Task[Any], tuple[Any, ...], dict[str, Any], concurrent.futures.Future[Any]]
-        ] = deque()
-        self._inbox_armed = False
-        self._loop_thread = 0  # threading.get_ident() of the loop's thread, in run()
-        self._submitting: set[asyncio.Task[Any]] = set()  # strong refs until done
+        self._threadsafe = ThreadsafeSubmitter(self)
 
     # -- registration --------------------------------------------------------------
 
@@ -283,14 +226,7 @@ class TaskProcessor:
         """
         breaker = options.get("breaker")
         if isinstance(breaker, str):
-            if breaker not in self._breakers:
-                raise ConfigurationError(
-                    "breaker",
-                    breaker,
-                    f"the name of a breaker declared with app.breaker(); declared: "
-                    f"{sorted(self._breakers) or 'none'}",
-                )
-            options["breaker"] = self._breakers[breaker]
+            options["breaker"] = self._declarations.resolve(breaker)
 
         def register(handler: Callable[..., Any]) -> Task[Any]:
             own = tuple(options.pop("middleware", ()))
@@ -302,19 +238,12 @@ class TaskProcessor:
                     "a name not yet registered (pass name=... to tell two handlers apart)",
                 )
             self._tasks[definition.name] = definition
-            self._bound_lost_attempts(definition)
-            self._declare_limits(definition)
+            self._declarations.declare(definition)
             return Task(self, definition)
 
         if fn is not None:
             return register(fn)
         return register
-
-    def _bound_lost_attempts(self, definition: TaskDefinition) -> None:
-        # A worker lost mid-task costs an attempt too: the task's retry policy bounds
-        # how many a durable broker grants before it dead-letters the task.
-        if isinstance(self.broker, _BoundsLostAttempts):
-            self.broker.set_max_attempts(definition.name, definition.retry.max_attempts)
 
     def use_broker(self, broker: str | Broker) -> None:
         """Replace the broker before the processor uses it (the worker's ``--broker``).
@@ -336,36 +265,10 @@ class TaskProcessor:
         elif not isinstance(broker, Broker):
             raise ConfigurationError("broker", broker, "a broker URL or a Broker instance")
         self.broker = broker
-        self._unique = _keeps_unique_keys(broker)
-        self._put_nowait = broker.put_nowait if isinstance(broker, _PutsNowait) else None
+        self._unique = keeps_unique_keys(broker)
+        self._put_nowait = broker.put_nowait if isinstance(broker, PutsNowait) else None
         for definition in self._tasks.values():
-            self._bound_lost_attempts(definition)
-            self._declare_limits(definition)
-
-    def _declare_limits(self, definition: TaskDefinition) -> None:
-        # Global limits and shared breakers go to a broker that enforces them across
-        # processes; the task's in-process stages then leave those limits out. Every
-        # task is declared, limited or not, so a limit dropped from the code is lifted.
-        broker = self.broker
-        if not isinstance(broker, _EnforcesGlobalLimits):
-            definition.distribute(enforced=False)
-            return
-        limits = definition.limits if definition.scope == "global" else Limits()
-        shared = None
-        for stage in definition.middleware:
-            if isinstance(stage, BreakerStage) and stage.breaker is not None:
-                name = stage.breaker.name
-                if name in self._shared_breakers and self._breakers[name] is stage.breaker:
-                    shared = name
-        enforced = broker.global_limits.declare(
-            definition.name,
-            rate_limit=limits.rate_limit,
-            key_rate_limit=limits.key_rate_limit,
-            concurrency=limits.concurrency,
-            key_concurrency=limits.key_concurrency,
-            breaker=shared,
-        )
-        definition.distribute(enforced=enforced)
+            self._declarations.declare(definition)
 
     def breaker(self, name: str, *, shared: bool = False, **config: Any) -> CircuitBreaker:
         """Declare a named circuit breaker, shared by the task types that name it.
@@ -387,39 +290,12 @@ class TaskProcessor:
             shared: Share its open state with every worker process of the queues.
             **config: `CircuitBreaker` settings (``failure_ratio``, ``open_seconds``, ...).
         """
-        existing = self._breakers.get(name)
-        if existing is not None:
-            if config or (shared and name not in self._shared_breakers):
-                raise ConfigurationError(
-                    "config",
-                    {**config, "shared": shared} if shared else config,
-                    f"no settings: breaker {name!r} is already declared",
-                )
-            return existing
-        if not isinstance(shared, bool):
-            raise ConfigurationError("shared", shared, "True or False")
-        breaker = self._breakers[name] = CircuitBreaker(name=name, **config)
-        if shared:
-            self._shared_breakers.add(name)
-            breaker.subscribe(self._share_breaker_state)
-        return breaker
-
-    def _share_breaker_state(self, change: BreakerStateChange) -> None:
-        # OPEN writes a mark that expires with the open interval; HALF_OPEN needs no
-        # write (the mark has expired by then); CLOSED removes a mark still there.
-        broker = self.broker
-        if not isinstance(broker, _EnforcesGlobalLimits):
-            return
-        if change.new is BreakerState.OPEN:
-            open_for = self._breakers[change.name].retry_after(change.at)
-            broker.global_limits.breaker_changed(change.name, open_for)
-        elif change.new is BreakerState.CLOSED:
-            broker.global_limits.breaker_changed(change.name, None)
+        return self._declarations.breaker(name, shared, config)
 
     @property
     def breakers(self) -> dict[str, CircuitBreaker]:
         """The named breakers (a copy)."""
-        return dict(self._breakers)
+        return dict(self._declarations.breakers)
 
     @property
     def tasks(self) -> dict[str, TaskDefinition]:
@@ -444,7 +320,7 @@ class TaskProcessor:
         """Validate a submission and build its record (not yet queued)."""
         definition.bind(args, kwargs)
         if self._validate and (args or kwargs):
-            _check_plain(definition.name, args, kwargs)
+            check_plain(definition.name, args, kwargs)
         if (
             priority is None
             and key is None
@@ -474,36 +350,17 @@ class TaskProcessor:
             priority=definition.priority if priority is None else validate_priority(priority),
             queue=definition.queue,
             key=definition.key_for(args, kwargs) if key is None else str(key),
-            timeout=definition.timeout if timeout is None else _seconds("timeout", timeout),
-            ttl=definition.ttl if ttl is None else _seconds("ttl", ttl),
+            timeout=definition.timeout if timeout is None else seconds("timeout", timeout),
+            ttl=definition.ttl if ttl is None else seconds("ttl", ttl),
         )
         if self._validate and record.key is not None and find_unplain(record.key) is not None:
             raise ConfigurationError(
                 "key", record.key, "text without lone surrogates (UTF-8 cannot carry them)"
             )
         if delay is not None or eta is not None:
-            record.eta = self._eta(delay, eta)
+            due_in = delay_of(delay, eta)
+            record.eta = self.clock.now() + due_in
         return record
-
-    def _eta(self, delay: float | None, eta: datetime.datetime | float | None) -> float:
-        if delay is not None and eta is not None:
-            raise ConfigurationError("eta", eta, "None when delay is given (pass one of them)")
-        if eta is not None:
-            if isinstance(eta, datetime.datetime):
-                if eta.tzinfo is None:
-                    raise ConfigurationError("eta", eta, "a timezone-aware datetime")
-                eta = eta.timestamp()
-            if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta):
-                raise ConfigurationError("eta", eta, "a datetime or a finite POSIX timestamp")
-            delay = max(0.0, eta - time.time())
-        # Finite: a task due at infinity never runs, and Redis keeps due times in ms.
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, int | float)
-            or not 0 <= delay < math.inf
-        ):
-            raise ConfigurationError("delay", delay, "finite seconds >= 0")
-        return self.clock.now() + delay
 
     async def submit_record(
         self,
@@ -605,93 +462,13 @@ class TaskProcessor:
     ) -> concurrent.futures.Future[JobHandle[R]]:
         """``task.submit(*args, **kwargs)`` from another thread; see `Task.submit_threadsafe`.
 
-        Submissions go through a deque that the loop drains in one callback per batch:
-        the calling thread appends and wakes the loop only when no drain is pending,
-        so a burst of submits costs one ``call_soon_threadsafe``, and the loop's side
-        takes no lock.
+        A batch of submits costs the loop one callback (see `ThreadsafeSubmitter`).
 
         Raises:
             ProcessorClosed: The processor is not running.
             RuntimeError: Called from the event loop's own thread (await instead).
         """
-        loop = self._check_other_thread()
-        future: concurrent.futures.Future[JobHandle[R]] = concurrent.futures.Future()
-        self._inbox.append((task, args, kwargs, future))
-        if not self._inbox_armed:
-            # Set before scheduling: a drain that starts now clears it first, then
-            # takes everything appended so far (see _drain_inbox).
-            self._inbox_armed = True
-            try:
-                loop.call_soon_threadsafe(self._drain_inbox)
-            except RuntimeError:  # the loop closed under us
-                self._inbox_armed = False
-                self._fail_inbox()
-        return future
-
-    def _drain_inbox(self) -> None:
-        """Submit everything threads queued (on the loop's thread, from one callback)."""
-        self._inbox_armed = False  # first: an append from now on schedules a new drain
-        inbox = self._inbox
-        while inbox:
-            task, args, kwargs, future = inbox.popleft()
-            # One lock operation that both checks for a cancel() by the submitter and
-            # stops any later one: from here the submit goes through.
-            if not future.set_running_or_notify_cancel():
-                continue
-            coro: Coroutine[Any, Any, JobHandle[Any]]
-            if _OPTIONS.isdisjoint(kwargs):
-                # No options: the whole submit runs synchronously when the broker can
-                # queue at once, with no task or coroutine per call.
-                try:
-                    record = self.build_record(task.definition, args, kwargs)
-                    if self.enqueue_nowait(record):
-                        future.set_result(JobHandle(self, record))
-                        continue
-                except Exception as exc:  # noqa: BLE001 - the submitter's error, for its future
-                    future.set_exception(exc)
-                    continue
-                coro = self._enqueue_built(record)
-            else:
-                coro = task.submit(*args, **kwargs)
-            pending = asyncio.get_running_loop().create_task(coro)
-            self._submitting.add(pending)
-            pending.add_done_callback(partial(self._submitted, future))
-
-    async def _enqueue_built(self, record: TaskRecord) -> JobHandle[Any]:
-        await self.broker.enqueue(record)
-        return JobHandle(self, record)
-
-    def _submitted(
-        self, future: concurrent.futures.Future[Any], pending: asyncio.Task[Any]
-    ) -> None:
-        self._submitting.discard(pending)
-        if pending.cancelled():
-            future.set_exception(ProcessorClosed("the submit was cancelled at shutdown"))
-        elif (error := pending.exception()) is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(pending.result())
-
-    def _fail_inbox(self) -> None:
-        """Fail what threads submitted after the loop stopped draining (at close)."""
-        inbox = self._inbox
-        while inbox:
-            future = inbox.popleft()[3]
-            if future.set_running_or_notify_cancel():
-                future.set_exception(ProcessorClosed("the processor closed before the submit"))
-
-    def _check_other_thread(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None or self._state is not ProcessorState.RUNNING:
-            raise ProcessorClosed("submit_threadsafe needs a running processor (inside run())")
-        # The thread id, not get_running_loop(): that raises (about 1 us) on every
-        # call from the threads this method is for.
-        if threading.get_ident() == self._loop_thread:
-            raise RuntimeError(
-                "submit_threadsafe was called on the event loop's own thread, where blocking "
-                "on its result would deadlock; use 'await task.submit(...)' instead"
-            )
-        return loop
+        return self._threadsafe.submit(task, args, kwargs)
 
     def call_threadsafe(self, coro: Awaitable[R]) -> concurrent.futures.Future[R]:
         """Run a coroutine of this processor from another thread; returns a concurrent future.
@@ -700,21 +477,7 @@ class TaskProcessor:
             ProcessorClosed: The processor is not running.
             RuntimeError: Called from the event loop's own thread (await instead).
         """
-        loop = self._loop
-        if loop is None or self._state is not ProcessorState.RUNNING:
-            _close(coro)
-            raise ProcessorClosed("submit_threadsafe needs a running processor (inside run())")
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            _close(coro)
-            raise RuntimeError(
-                "submit_threadsafe was called on the event loop's own thread, where blocking "
-                "on its result would deadlock; use 'await task.submit(...)' instead"
-            )
-        return asyncio.run_coroutine_threadsafe(_as_coroutine(coro), loop)
+        return self._threadsafe.call(coro)
 
     async def job(self, task_id: str) -> JobHandle[Any] | None:
         """Return a handle for a known task id, or None."""
@@ -771,8 +534,7 @@ class TaskProcessor:
                 f"the processor is {self._state.value}; a TaskProcessor runs once: "
                 "create a new one to run again"
             )
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        self._threadsafe.start(asyncio.get_running_loop())
         for definition in self._tasks.values():
             definition.activate()
         await self.broker.start()
@@ -800,7 +562,7 @@ class TaskProcessor:
                     self._state = ProcessorState.STOPPING
         finally:
             self._state = ProcessorState.CLOSED
-            self._fail_inbox()
+            self._threadsafe.close()
             await self.broker.aclose()
 
     def _running_pool(self) -> WorkerPool:
@@ -852,32 +614,3 @@ class TaskProcessor:
         pool = self._pool
         workers = f" workers={pool.size} busy={pool.busy}" if pool is not None else ""
         return f"<TaskProcessor {self._state.value} {self.broker.url}{workers}>"
-
-
-def _seconds(setting: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(setting, value, "seconds > 0")
-    return float(value)
-
-
-def _check_plain(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if all_simple(args) and all_simple(kwargs.values()) and all_simple(kwargs):
-        return  # scalars only (the usual ids and counts): no paths to build
-    where = find_unplain(args, "args") or find_unplain(kwargs, "kwargs")
-    if where is not None:
-        raise PayloadError(
-            f"arguments of task {name!r} must be plain JSON data (str, int, float, bool, None, "
-            f"lists, and dicts with str keys) to cross a broker; found {where}. Pass an id or "
-            "a dict instead, or create the processor with validate_payloads=False for "
-            "in-memory use only."
-        )
-
-
-async def _as_coroutine(aw: Awaitable[R]) -> R:
-    return await aw
-
-
-def _close(aw: Awaitable[Any]) -> None:
-    close = getattr(aw, "close", None)
-    if close is not None:
-        close()

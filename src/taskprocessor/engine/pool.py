@@ -24,28 +24,26 @@ from types import TracebackType
 from typing import Any, Final, Protocol, final, runtime_checkable
 
 from taskprocessor.brokers.base import Broker
-from taskprocessor.clock import Clock, Timer, clock_timeout
-from taskprocessor.engine.admission import Admission
+from taskprocessor.clock import Clock, clock_timeout
+from taskprocessor.engine.attempts import Attempts, Worker, after_run, on_settled
 from taskprocessor.engine.definition import TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
-from taskprocessor.engine.limits import ConcurrencyLimits
-from taskprocessor.engine.middleware import Defer, Hooks, Outcome, hook_failed
+from taskprocessor.engine.gate import Gate
+from taskprocessor.engine.middleware import Hooks
 from taskprocessor.engine.outcomes import (
     CANCELLED,
     SHUT_DOWN,
     TIMED_OUT,
     Settler,
-    attempt_state,
 )
 from taskprocessor.errors import (
     BrokerError,
     ConfigurationError,
-    PayloadError,
     ProcessorClosed,
     TaskExpired,
 )
-from taskprocessor.task import TaskContext, TaskRecord, TaskState
+from taskprocessor.task import TaskRecord, TaskState
 
 __all__ = ["PoolState", "PoolStatistics", "ShutdownReport", "WorkerPool"]
 
@@ -144,34 +142,6 @@ class _InProcessBroker(Protocol):
 
 
 @final
-class _Worker:
-    __slots__ = (
-        "busy",
-        "cancel_sent",
-        "ctx",
-        "id",
-        "interrupt",
-        "record",
-        "retiring",
-        "task",
-        "timer",
-    )
-
-    def __init__(self, worker_id: int) -> None:
-        self.id = worker_id
-        self.task: asyncio.Task[None] | None = None
-        self.busy = False
-        self.retiring = False
-        # The attempt running its handler, and its context: made up front only when
-        # something reads it (see WorkerPool._context), as most handlers never do.
-        self.record: TaskRecord | None = None
-        self.ctx: TaskContext | None = None
-        self.timer: Timer | None = None  # the running attempt's deadline
-        self.interrupt: str | None = None
-        self.cancel_sent = False
-
-
-@final
 class WorkerPool:
     """A resizable pool of worker coroutines serving one broker.
 
@@ -211,12 +181,9 @@ class WorkerPool:
         self._stack = contextlib.AsyncExitStack()
         self._tg: asyncio.TaskGroup | None = None
         self._ids = itertools.count(1)
-        self._workers: dict[int, _Worker] = {}
-        self._running: dict[str, _Worker] = {}
-        self._limits = ConcurrencyLimits()
-        self._admission = Admission(clock, self._hand_back_soon, (self._on_defer,))
+        self._workers: dict[int, Worker] = {}
         self._busy = 0
-        self._max_queue_wait = 0.0
+        self._attempts = Attempts(registry, clock)
         self._watching = 0  # how many drains (join, shutdown) wait on transitions
         self._changed = asyncio.Event()
         self._all_exited = asyncio.Event()
@@ -236,6 +203,14 @@ class WorkerPool:
             0,
         )
         self._settler = Settler(broker, registry, clock, on_error, self._counts)
+        self._gate = Gate(
+            broker,
+            registry,
+            clock,
+            self._settler,
+            spawn=self._spawn_internal,
+            changed=self._notify_changed,
+        )
         self._get_nowait: Callable[[], TaskRecord | None] | None = None
         self._ack_nowait: Callable[[TaskRecord, TaskState, Any], None] | None = None
         if isinstance(broker, _InProcessBroker):
@@ -289,7 +264,7 @@ class WorkerPool:
     def _spawn(self, count: int) -> None:
         assert self._tg is not None  # noqa: S101 - only called while running
         for _ in range(count):
-            worker = _Worker(next(self._ids))
+            worker = Worker(next(self._ids))
             self._workers[worker.id] = worker
             self._all_exited.clear()
             worker.task = self._tg.create_task(
@@ -322,7 +297,7 @@ class WorkerPool:
             self._retire(worker)
         logger.info("scaled down from %d to %d workers", len(active), workers)
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: Worker) -> None:
         worker.retiring = True
         if not worker.busy and worker.task is not None:
             worker.task.cancel()  # it waits in reserve(), which is cancellation-safe
@@ -355,12 +330,12 @@ class WorkerPool:
             worker.retiring = True
             if worker.busy and worker.record is not None:
                 interrupted += 1
-                self._interrupt(worker, _SHUT_DOWN)
+                self._attempts.interrupt(worker, _SHUT_DOWN)
             elif not worker.busy and worker.task is not None:
                 worker.task.cancel()
         await self._wait_exited()
         handed_back = 0
-        for record in (*self._limits.take_parked(), *self._admission.take_all()):
+        for record in self._gate.take_parked():
             await self._broker.release(record)
             handed_back += durable
         cancelled = 0 if durable else await self._broker.cancel_all(_SHUT_DOWN)
@@ -392,7 +367,7 @@ class WorkerPool:
         try:
             async with clock_timeout(self._clock, grace):
                 while True:
-                    idle = not self._busy and (durable or not self._admission.parked)
+                    idle = not self._busy and (durable or not self._gate.admission.parked)
                     if idle and (durable or not sum(await self._broker.depth())):
                         return True
                     self._changed.clear()
@@ -423,7 +398,7 @@ class WorkerPool:
 
     # -- the worker loop -----------------------------------------------------------
 
-    async def _work(self, worker: _Worker) -> None:  # noqa: PLR0912, PLR0915 - see the docstring
+    async def _work(self, worker: Worker) -> None:  # noqa: PLR0912, PLR0915 - see the docstring
         """Reserve, run and settle tasks until retired or cancelled.
 
         The whole per-task path is in this one coroutine on purpose: reserving (from an
@@ -437,6 +412,7 @@ class WorkerPool:
         clock = self._clock
         durable = broker.durable
         get_nowait = self._get_nowait
+        attempts = self._attempts
         try:
             while not worker.retiring:
                 # Take a ready task without a coroutine when the broker can; await
@@ -461,7 +437,7 @@ class WorkerPool:
                     definition = registry.get(record.name)
                     gated = definition is None or durable or definition.gated
                     if gated:
-                        definition = await self._admit(record, definition)
+                        definition = await self._gate.admit(record, definition)
                         if definition is None:
                             continue  # settled, deferred or parked
                     assert definition is not None  # noqa: S101 - narrowed for mypy
@@ -475,8 +451,8 @@ class WorkerPool:
                         ):
                             await self._expired(record, hooks)
                             continue
-                        states = self._begin(worker, record, definition, hooks, now)
-                        # Run the handler (under its deadline, armed by _begin).
+                        states = attempts.begin(worker, record, definition, hooks, now)
+                        # Run the handler (under its deadline, armed by begin).
                         result: Any = None
                         error: Exception | None = None
                         try:
@@ -490,21 +466,21 @@ class WorkerPool:
                             else:
                                 result = await definition.fn(*record.args, **record.kwargs)
                         except asyncio.CancelledError:
-                            if not self._take_back_interrupt(worker):
+                            if not attempts.take_back_interrupt(worker):
                                 await self._settler.outer_cancel(record)
                                 raise
                             result = None
                         except Exception as exc:  # noqa: BLE001 - a handler's error is an outcome
-                            self._take_back_interrupt(worker)
+                            attempts.take_back_interrupt(worker)
                             error = exc
                         else:
                             if worker.interrupt is not None:
-                                self._take_back_interrupt(worker)
+                                attempts.take_back_interrupt(worker)
                         finally:
-                            ctx = self._end(worker, record)
+                            ctx = attempts.end(worker, record)
                         reason = None if ctx is None else ctx._reason
                         if ctx is not None and hooks.after_run:
-                            _after_run(
+                            after_run(
                                 hooks, record, ctx, states, error, started=now, finished=clock.now()
                             )
                         if reason is not None or error is not None:
@@ -518,14 +494,14 @@ class WorkerPool:
                             else:
                                 await broker.ack(record, _SUCCEEDED, result=result)
                             if hooks.on_settled:
-                                _on_settled(hooks, record)
+                                on_settled(hooks, record)
                     except (asyncio.CancelledError, BrokerError):
                         raise  # a broker that could not record the outcome: see below
                     except Exception:  # noqa: BLE001 - _internal_error logs it with its traceback
                         await self._internal_error(record)
                     finally:
                         if gated:
-                            await self._release_admitted(record, definition)
+                            await self._gate.release(record, definition)
                 except BrokerError as exc:
                     # The broker could not record the outcome (Redis unreachable for a
                     # whole lease, say): the worker goes on, and a durable broker's
@@ -544,92 +520,9 @@ class WorkerPool:
         finally:
             self._forget(worker)
 
-    def _begin(
-        self,
-        worker: _Worker,
-        record: TaskRecord,
-        definition: TaskDefinition,
-        hooks: Hooks,
-        now: float,
-    ) -> list[Any] | None:
-        """Start an attempt: count it, call before_run, mark it running, arm its deadline.
-
-        Returns what the before_run hooks returned, for the after_run hooks. A context
-        is made here only when something reads it (see `_context`).
-        """
-        record.attempt += 1
-        record.started_at = now
-        if now - record.enqueued_at > self._max_queue_wait:  # noqa: PLR1730 - no call per task
-            self._max_queue_wait = now - record.enqueued_at
-        deadline = None if record.timeout is None else now + record.timeout
-        ctx = None
-        if (
-            deadline is not None
-            or definition.takes_context
-            or not definition.is_async
-            or hooks.before_run
-            or hooks.after_run
-        ):
-            ctx = TaskContext(record, definition.retry.max_attempts, deadline, self._clock)
-        states = _before_run(hooks, record, ctx) if ctx is not None and hooks.before_run else None
-        worker.ctx = ctx
-        worker.record = record
-        self._running[record.id] = worker
-        if deadline is not None:
-            worker.timer = self._clock.call_at(
-                deadline, partial(self._interrupt, worker, _TIMED_OUT)
-            )
-        return states
-
-    def _end(self, worker: _Worker, record: TaskRecord) -> TaskContext | None:
-        """The handler returned or raised: disarm, unmark; return the context, if made."""
-        timer = worker.timer
-        if timer is not None:
-            worker.timer = None
-            timer.cancel()
-        del self._running[record.id]
-        ctx = worker.ctx  # made by an interrupt if _begin did not make it
-        worker.ctx = None
-        worker.record = None
-        return ctx
-
-    def _forget(self, worker: _Worker, _task: object = None) -> None:
+    def _forget(self, worker: Worker, _task: object = None) -> None:
         if self._workers.pop(worker.id, None) is not None and not self._workers:
             self._all_exited.set()
-
-    async def _admit(
-        self, record: TaskRecord, definition: TaskDefinition | None
-    ) -> TaskDefinition | None:
-        """Pass a gated task through its admission stages and concurrency limits.
-
-        Returns the definition to run it with, or None when the task is not to run now:
-        dead-lettered (unknown or unfit for this worker), rejected, deferred by a stage
-        or parked behind a full limit. After a run, call `_release_admitted`.
-        """
-        if definition is None or self._broker.durable:
-            definition = await self._runnable(record, definition)
-            if definition is None:
-                return None
-        chain = definition.admitters
-        if chain:
-            verdict = self._admission.admit(chain, record, definition)
-            if verdict is not None:
-                if not isinstance(verdict, Defer):
-                    await self._settler.reject(record, definition, verdict, definition.hooks)
-                return None  # deferred: parked until it may ask again
-        limited = definition.concurrency is not None or definition.key_concurrency is not None
-        if limited and not self._limits.try_acquire(definition, record):
-            if chain:
-                self._admission.revoke(chain, record, definition)
-            return None  # parked; handed back when a slot frees
-        return definition
-
-    async def _release_admitted(self, record: TaskRecord, definition: TaskDefinition) -> None:
-        """A task `_admit` let through ended: free its stages' and limits' places."""
-        if definition.admitters:
-            self._admission.finished(definition.admitters)
-        if definition.concurrency is not None or definition.key_concurrency is not None:
-            await self._hand_back(self._limits.release(definition, record))
 
     async def _internal_error(self, record: TaskRecord) -> None:
         """Log a bug in settling and fail the task, rather than leave its waiters hanging.
@@ -640,129 +533,23 @@ class WorkerPool:
         if record.state is TaskState.RUNNING:
             await self._broker.ack(record, TaskState.FAILED, error=RuntimeError("internal"))
 
-    async def _runnable(
-        self, record: TaskRecord, definition: TaskDefinition | None
-    ) -> TaskDefinition | None:
-        """Return the definition that runs ``record``, or None once it is dead-lettered.
-
-        A message from another process may name no task here, or not fit this worker's
-        handler (another version of it, or a message written by hand). Such a call fails
-        the same way every time: a PayloadError, which the retry policy never retries.
-        """
-        if definition is None:
-            await self._settler.unknown(record)
-            return None
-        try:
-            definition.bind(record.args, record.kwargs)
-        except TypeError as exc:
-            error = PayloadError(f"{exc}; producers and workers must run the same task code")
-            await self._settler.reject(record, definition, error, definition.hooks)
-            return None
-        return definition
-
-    def _on_defer(self, record: TaskRecord, defer: Defer) -> None:
-        definition = self._registry.get(record.name)
-        if definition is not None:
-            for hook in definition.hooks.on_defer:
-                try:
-                    hook(record, defer)
-                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                    hook_failed(hook)
-
-    def _hand_back_soon(self, records: list[TaskRecord]) -> None:
-        """Return tasks woken by an admission lane to the queue (from a timer callback)."""
-        self._spawn_internal(self._release_all(records))
-
-    async def _release_all(self, records: list[TaskRecord]) -> None:
-        for record in records:
-            try:
-                await self._broker.release(record)
-            except Exception:
-                logger.exception("could not hand deferred task %s back to the queue", record.id)
+    def _notify_changed(self) -> None:
         if self._watching:
             self._changed.set()
-
-    async def _hand_back(self, records: list[TaskRecord]) -> None:
-        """Return parked tasks to the queue, each to compete again for the slot just freed."""
-        for record in records:
-            await self._broker.release(record)
-            record.completion().add_done_callback(partial(self._woken_done, record.id))
-
-    def _woken_done(self, task_id: str, _future: object) -> None:
-        # A handed-back task that ends before a worker reserves it again (cancelled in
-        # the queue) must pass its turn on, or the tasks parked behind it wait forever.
-        if self._limits.was_woken(task_id):
-            self._spawn_internal(self._pass_turn(task_id))
-
-    async def _pass_turn(self, task_id: str) -> None:
-        try:
-            await self._hand_back(self._limits.vanished(task_id))
-        except Exception:
-            logger.exception("could not hand a parked task back after %s ended", task_id)
 
     async def _expired(self, record: TaskRecord, hooks: Hooks) -> None:
         self._counts["expired"] += 1
         expired = TaskExpired(task_id=record.id, task_name=record.name, ttl=record.ttl or 0.0)
         await self._settler.ack(hooks, record, TaskState.EXPIRED, error=expired)
 
-    def _take_back_interrupt(self, worker: _Worker) -> bool:
-        """Balance the cancel() an interrupt sent; return False if another cancel is pending."""
-        if worker.interrupt is None:
-            return False
-        worker.interrupt = None
-        if worker.cancel_sent:
-            worker.cancel_sent = False
-            assert worker.task is not None  # noqa: S101 - a running worker has its task
-            return worker.task.uncancel() == 0
-        return True
-
-    # -- interrupts ----------------------------------------------------------------
-
-    def _interrupt(self, worker: _Worker, reason: str) -> None:
-        """Stop the attempt ``worker`` is running, for ``reason``."""
-        ctx = self._context(worker)
-        if ctx is None or worker.cancel_sent:
-            return
-        if worker.interrupt is None:
-            worker.interrupt = reason
-            ctx._interrupt(reason)
-        # After a self-cancel (no cancel() sent) a timeout or shutdown must still interrupt.
-        task = worker.task
-        # A handler cancelling its own task finds out through ctx; a cancel() of the
-        # running task would only surface at the worker's next await, after the handler.
-        if task is not None and task is not asyncio.current_task():
-            worker.cancel_sent = True
-            task.cancel()
-
-    def _context(self, worker: _Worker) -> TaskContext | None:
-        """The context of the attempt ``worker`` runs, made now if it was not yet needed.
-
-        Only the attempts with a deadline, hooks, a thread or a ``ctx`` parameter get
-        one up front; an interrupt makes it here (it records the reason), so that most
-        tasks are never charged for a context nobody reads.
-        """
-        ctx = worker.ctx
-        record = worker.record
-        if ctx is None and record is not None:
-            definition = self._registry.get(record.name)
-            attempts = definition.retry.max_attempts if definition is not None else 1
-            ctx = worker.ctx = TaskContext(record, attempts, None, self._clock)
-        return ctx
+    # -- cancels ---------------------------------------------------------------------
 
     def _on_cancel_running(self, task_id: str) -> None:
-        worker = self._running.get(task_id)
-        if worker is not None:
-            ctx = self._context(worker)
-            if ctx is not None and worker.interrupt not in (None, _CANCELLED):
-                # A timeout (or shutdown) already stopping the attempt would retry it,
-                # but the caller was told the task is cancelled: the cancel wins.
-                worker.interrupt = _CANCELLED
-                ctx._reason = _CANCELLED  # the pool owns the context it made
-            self._interrupt(worker, _CANCELLED)
-            return
+        if self._attempts.cancel(task_id):
+            return  # a worker runs it: its attempt is interrupted as cancelled
         # Reserved but parked behind a concurrency limit: no worker holds it. Take it
         # out now (so a freed slot cannot start it) and ack it from the task group.
-        record = self._limits.remove_parked(task_id) or self._admission.remove(task_id)
+        record = self._gate.remove_parked(task_id)
         if record is not None:
             self._spawn_internal(self._settler.parked_cancel(record))
 
@@ -789,12 +576,13 @@ class WorkerPool:
 
     def take_max_queue_wait(self) -> float:
         """Return the longest queue wait of a task started since the last call, and reset it."""
-        wait, self._max_queue_wait = self._max_queue_wait, 0.0
+        attempts = self._attempts
+        wait, attempts.max_queue_wait = attempts.max_queue_wait, 0.0
         return wait
 
     def running_of(self, limit_id: object) -> int:
         """Running tasks holding a slot of a concurrency limit (a task name, or (name, key))."""
-        return self._limits.running(limit_id)
+        return self._gate.limits.running(limit_id)
 
     def statistics(self) -> PoolStatistics:
         """Return a snapshot of workers and outcome counts."""
@@ -803,66 +591,17 @@ class WorkerPool:
             workers=len(self._workers) - retiring,
             busy=self._busy,
             retiring=retiring,
-            parked=self._limits.parked + self._admission.parked,
+            parked=self._gate.parked,
             threads_abandoned=self._executors.abandoned,
-            running_by_task=self._running_by_task(),
+            running_by_task=self._attempts.by_task(),
             **self._counts,
         )
-
-    def _running_by_task(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for worker in self._running.values():
-            if worker.record is not None:
-                name = worker.record.name
-                counts[name] = counts.get(name, 0) + 1
-        return counts
 
     def __repr__(self) -> str:
         return (
             f"<WorkerPool {self._state.value} workers={self.size} busy={self._busy} "
-            f"parked={self._limits.parked + self._admission.parked}>"
+            f"parked={self._gate.parked}>"
         )
-
-
-def _before_run(hooks: Hooks, record: TaskRecord, ctx: TaskContext) -> list[Any]:
-    """Call the before_run hooks; return what each returned, by middleware index."""
-    states: list[Any] = [None] * len(hooks.middleware)
-    for i, before in hooks.before_run:
-        try:
-            states[i] = before(record, ctx)
-        except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-            hook_failed(before)
-    return states
-
-
-def _after_run(
-    hooks: Hooks,
-    record: TaskRecord,
-    ctx: TaskContext,
-    states: list[Any] | None,
-    error: Exception | None,
-    *,
-    started: float,
-    finished: float,
-) -> None:
-    """Call the after_run hooks (already in reverse order) with the attempt's `Outcome`."""
-    # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level call.
-    outcome = _new_outcome(
-        Outcome, (attempt_state(ctx.cancel_reason, error), error, started, finished)
-    )
-    for i, after in hooks.after_run:
-        try:
-            after(record, ctx, outcome, None if states is None else states[i])
-        except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-            hook_failed(after)
-
-
-def _on_settled(hooks: Hooks, record: TaskRecord) -> None:
-    for hook in hooks.on_settled:
-        try:
-            hook(record)
-        except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-            hook_failed(hook)
 
 
 def check_workers(workers: object) -> int:
