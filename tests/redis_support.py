@@ -7,10 +7,12 @@ never pass by skipping. ``TASKPROCESSOR_TEST_REDIS`` points them at another serv
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, final
 
 import pytest
@@ -18,6 +20,7 @@ import redis
 
 from taskprocessor.brokers.base import Broker, BrokerStatistics
 from taskprocessor.brokers.redis import RedisBroker
+from taskprocessor.task import TaskRecord, TaskState
 from taskprocessor.testing import FakeClock
 
 REDIS_URL: Final = os.environ.get("TASKPROCESSOR_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -121,3 +124,38 @@ class RedisHarness:
         """Refresh the broker's statistics from Redis and return them."""
         assert isinstance(broker, RedisBroker)
         return await broker.refresh_statistics()
+
+
+# -- waiting on Redis from tests ----------------------------------------------------------
+
+WAIT_BOUND: Final = 10.0  # real seconds before a wait fails the test instead of hanging
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool] | bool], what: str) -> None:
+    """Poll a cross-connection effect every 5 ms until it holds; fail after WAIT_BOUND s."""
+    deadline = time.monotonic() + WAIT_BOUND
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {WAIT_BOUND}s: {what}")
+        await asyncio.sleep(0.005)
+
+
+def make(queue: str, name: str = "job", **kwargs: Any) -> TaskRecord:
+    """A task record for ``queue`` with no arguments."""
+    return TaskRecord(name, (), {}, queue=queue, **kwargs)
+
+
+async def reserve(broker: RedisBroker) -> TaskRecord:
+    """Reserve one task, failing after WAIT_BOUND seconds instead of hanging."""
+    return await asyncio.wait_for(broker.reserve(), WAIT_BOUND)
+
+
+async def finished(record: TaskRecord) -> TaskState:
+    """Wait until ``record`` settles and return its final state."""
+    await asyncio.wait_for(asyncio.shield(record.completion()), WAIT_BOUND)
+    return record.state

@@ -13,14 +13,24 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from redis_support import RedisHarness, delete_queue, new_queue, require_redis, sync_client
+from redis_support import (
+    RedisHarness,
+    delete_queue,
+    eventually,
+    finished,
+    make,
+    new_queue,
+    require_redis,
+    reserve,
+    sync_client,
+)
 from taskprocessor import TaskProcessor, TaskState
 from taskprocessor.brokers import open_broker
 from taskprocessor.brokers._redis_store import SCRIPT_NAMES, QueueKeys, load_sources
@@ -47,33 +57,6 @@ from taskprocessor.task import TaskRecord
 from taskprocessor.testing import FakeClock
 
 BOUND = 10.0  # real seconds before a wait fails the test instead of hanging
-
-
-async def eventually(predicate: Callable[[], Awaitable[bool] | bool], what: str) -> None:
-    """Poll a cross-connection effect every 5 ms until it holds; fail after BOUND seconds."""
-    deadline = time.monotonic() + BOUND
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {BOUND}s: {what}")
-        await asyncio.sleep(0.005)
-
-
-def make(queue: str, name: str = "job", **kwargs: Any) -> TaskRecord:
-    return TaskRecord(name, (), {}, queue=queue, **kwargs)
-
-
-async def reserve(broker: RedisBroker) -> TaskRecord:
-    return await asyncio.wait_for(broker.reserve(), BOUND)
-
-
-async def finished(record: TaskRecord) -> TaskState:
-    await asyncio.wait_for(asyncio.shield(record.completion()), BOUND)
-    return record.state
 
 
 def task_hash(queue: str, task_id: str) -> dict[bytes, bytes]:

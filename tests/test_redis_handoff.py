@@ -18,12 +18,20 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
 
-from redis_support import RedisHarness, delete_queue, require_redis, sync_client
+from redis_support import (
+    RedisHarness,
+    delete_queue,
+    eventually,
+    finished,
+    make,
+    require_redis,
+    sync_client,
+)
 from taskprocessor import TaskState
 from taskprocessor.brokers._redis_handoff import Freshness
 from taskprocessor.brokers._redis_store import QueueKeys
@@ -31,29 +39,6 @@ from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.task import TaskRecord
 
 BOUND = 10.0  # real seconds before a wait fails the test instead of hanging
-
-
-async def eventually(predicate: Callable[[], Awaitable[bool] | bool], what: str) -> None:
-    """Poll a cross-connection effect every 5 ms until it holds; fail after BOUND seconds."""
-    deadline = time.monotonic() + BOUND
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {BOUND}s: {what}")
-        await asyncio.sleep(0.005)
-
-
-def make(queue: str, name: str = "job", **kwargs: Any) -> TaskRecord:
-    return TaskRecord(name, (), {}, queue=queue, **kwargs)
-
-
-async def finished(record: TaskRecord) -> TaskState:
-    await asyncio.wait_for(asyncio.shield(record.completion()), BOUND)
-    return record.state
 
 
 def registration(queue: str, worker: str) -> int | None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,7 +24,15 @@ import pytest
 import redis
 
 import limitsapp
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import (
+    delete_queue,
+    eventually,
+    make,
+    new_queue,
+    require_redis,
+    reserve,
+    sync_client,
+)
 from taskprocessor import (
     BreakerState,
     BreakerStateChange,
@@ -37,32 +45,9 @@ from taskprocessor.brokers._redis_limits import LimitSpec, breaker_key, registry
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.engine.stages import RateLimitStage
-from taskprocessor.task import TaskRecord
 
 BOUND: Final = 10.0  # real seconds before a wait fails the test instead of hanging
 TESTS: Final = Path(__file__).parent
-
-
-async def eventually(predicate: Callable[[], Awaitable[bool] | bool], what: str) -> None:
-    """Poll a cross-connection effect every 5 ms until it holds; fail after BOUND seconds."""
-    deadline = time.monotonic() + BOUND
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {BOUND}s: {what}")
-        await asyncio.sleep(0.005)
-
-
-def make(queue: str, name: str = "job", **kwargs: Any) -> TaskRecord:
-    return TaskRecord(name, (), {}, queue=queue, **kwargs)
-
-
-async def reserve(broker: RedisBroker) -> TaskRecord:
-    return await asyncio.wait_for(broker.reserve(), BOUND)
 
 
 def held(queue: str, name: str, keys: Iterable[str] = ()) -> dict[str, int]:
