@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +31,8 @@ from redis_support import delete_queue, new_queue, require_redis, sync_client
 from taskprocessor import TaskContext, TaskProcessor, TaskState, TaskTimeout
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
+from worker_process import WorkerProcess
+from worker_process import eventually as poll_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -49,12 +50,8 @@ def report(request: pytest.FixtureRequest, **figures: object) -> None:
 
 
 def eventually(predicate: Callable[[], bool], what: str, bound: float = BOUND) -> None:
-    """Poll a cross-process effect every 10 ms until it holds; fail after ``bound`` s."""
-    deadline = time.monotonic() + bound
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {bound}s: {what}")
-        time.sleep(0.01)
+    """Poll a cross-process effect until it holds; fail after ``bound`` seconds."""
+    poll_until(predicate, what, bound)
 
 
 def broker_url(**query: object) -> str:
@@ -65,39 +62,14 @@ def broker_url(**query: object) -> str:
 
 
 @final
-class Worker:
+class Worker(WorkerProcess):
     """A ``taskprocessor worker chaosapp:app`` subprocess logging to a file."""
 
     def __init__(self, queue: str, log: Path, url: str, *options: str) -> None:
-        self.log = log
-        argv = [sys.executable, "-m", "taskprocessor", "worker", "chaosapp:app"]
-        argv += ["--broker", url, "--queues", queue, *options]
-        with log.open("wb") as stderr:
-            self.process = subprocess.Popen(
-                argv, cwd=TESTS, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
-            )
+        super().__init__("chaosapp:app", url, queue, log, *options)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"worker exited {self.process.returncode}:\n{self.text()}")
-            return "worker ready" in self.text()
-
-        eventually(ready, f"worker {self.pid} ready")
-
-    def stop(self) -> tuple[int, float]:
-        """SIGTERM it; return its exit status and how long it took to exit."""
-        began = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(EXIT_BOUND)
-        return status, time.monotonic() - began
+    def wait_ready(self, bound: float = BOUND) -> None:
+        super().wait_ready(bound)
 
 
 @pytest.fixture
