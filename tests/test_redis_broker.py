@@ -597,6 +597,50 @@ async def test_late_ack_with_a_stale_token_is_refused_and_the_outcome_recorded_o
             await slow.ack(stale, TaskState.SUCCEEDED)
 
 
+async def test_acks_of_one_round_trip_run_as_one_call_each_with_its_own_outcome() -> None:
+    """Acks sent together (one script call per queue) are fenced and settled one by one.
+
+    In one round trip: a success, a failure dead-lettered, and a stale ack whose lease
+    was taken back; each gets its own reply, and the producer's records settle from the
+    one message that carries the outcomes of the call.
+    """
+    harness = RedisHarness(require_redis(), lease=0.2)
+    async with harness.open_redis() as producer, harness.open_redis() as worker:
+        stale_record = make(harness.queue, "stale")
+        await producer.enqueue(stale_record)
+        stale = await reserve(worker)
+        await producer.recover(after=1.0)  # its worker looks dead: the lease is taken back
+        retaken = await reserve(producer)
+        records = [make(harness.queue, f"t{i}") for i in range(6)]
+        await producer.enqueue_many(records)
+        got = await asyncio.wait_for(asyncio.gather(*(worker.reserve() for _ in records)), BOUND)
+        before = worker.round_trips
+        await asyncio.gather(
+            worker.ack(stale, TaskState.SUCCEEDED, result="late"),
+            *(
+                worker.ack(r, TaskState.SUCCEEDED, result=r.name)
+                if i % 2
+                else worker.ack(r, TaskState.FAILED, error=RuntimeError(r.name), dead_letter="bad")
+                for i, r in enumerate(got)
+            ),
+        )
+        assert worker.round_trips - before == 1
+        assert worker.refused == 1
+        states = [await finished(r) for r in records]
+        by_name = {r.name: (state, r.result) for r, state in zip(records, states, strict=True)}
+        for record in got:
+            i = int(record.name[1:])
+            expected = (TaskState.SUCCEEDED, record.name) if i % 2 else (TaskState.FAILED, None)
+            assert by_name[record.name] == expected
+        assert sorted(r.id for r in await producer.dead_letters()) == sorted(
+            r.id for r in got if int(r.name[1:]) % 2 == 0
+        )
+        assert not stale_record.state.is_final  # the stale ack changed nothing
+        await producer.ack(retaken, TaskState.SUCCEEDED, result="current")
+        assert await finished(stale_record) is TaskState.SUCCEEDED
+        assert stale_record.result == "current"
+
+
 async def test_retry_and_release_after_losing_the_lease_change_nothing() -> None:
     """A worker whose lease was taken back cannot retry or release the task either."""
     harness = RedisHarness(require_redis(), lease=0.2)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final, final
 
@@ -209,18 +210,13 @@ class Consumer:
         reply = await self._settle_lease(
             lease,
             f"recorded as {state.value}",
-            "ack",
-            [keys.task(record.id), keys.leases],
-            [
-                keys.prefix,
-                record.id,
-                lease.token,
-                state.value,
-                data,
-                settings.result_ttl_ms,
-                dead_letter or "",
-                settings.max_dead_letters,
-            ],
+            partial(
+                shared.store.call_merged,
+                "ack",
+                [keys.leases],
+                [keys.prefix, settings.result_ttl_ms, settings.max_dead_letters],
+                [record.id, str(lease.token), state.value, data.decode(), dead_letter or ""],
+            ),
         )
         if int(reply[0]) == 0:
             self._refuse(record, f"recorded as {state.value}", reply[1])
@@ -255,16 +251,19 @@ class Consumer:
         reply = await self._settle_lease(
             lease,
             "retried" if attempt else "released",
-            "retry",
-            [keys.task(record.id), keys.leases, keys.ready, keys.delayed],
-            [
-                keys.prefix,
-                record.id,
-                lease.token,
-                attempt,
-                due,
-                shared.wall_ms(shared.clock.now()),
-            ],
+            partial(
+                shared.store.call_batched,
+                "retry",
+                [keys.task(record.id), keys.leases, keys.ready, keys.delayed],
+                [
+                    keys.prefix,
+                    record.id,
+                    lease.token,
+                    attempt,
+                    due,
+                    shared.wall_ms(shared.clock.now()),
+                ],
+            ),
         )
         if int(reply[0]) == 0:
             self._refuse(record, "retried" if attempt else "released", reply[1])
@@ -275,7 +274,7 @@ class Consumer:
             shared.nudge()
 
     async def _settle_lease(
-        self, lease: Lease, what: str, script: str, keys: list[str], args: list[Any]
+        self, lease: Lease, what: str, call: Callable[[], Awaitable[Any]]
     ) -> Any:
         """Run a script that ends or hands back a lease, retried until the lease runs out.
 
@@ -287,7 +286,7 @@ class Consumer:
         try:
             return await store.outage.patiently(
                 f"task {record.id} was {what}",
-                partial(store.call_batched, script, keys, args),
+                call,
                 deadline=lease.deadline,
             )
         except BrokerUnavailable as exc:

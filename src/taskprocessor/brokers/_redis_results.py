@@ -283,8 +283,14 @@ async def listen(
         if message["channel"] != reply:
             on_cancel(message["data"].decode())
             continue
+        _settle_all(waiting, message["data"])
+
+
+def _settle_all(waiting: Waiting, data: bytes) -> None:
+    """Settle the records of an outcome message (one per line: see ``lua/ack.lua``)."""
+    for outcome in data.split(b"\n"):
         try:
-            waiting.settle(decode_outcome(message["data"]))
+            waiting.settle(decode_outcome(outcome))
         except DecodeError as exc:
             logger.error("ignored an unreadable outcome message: %s", exc)  # noqa: TRY400
 

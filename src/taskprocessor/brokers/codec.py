@@ -28,6 +28,7 @@ import json
 import math
 import traceback as tb
 from dataclasses import dataclass
+from types import NoneType
 from typing import Any, Final, final
 
 from taskprocessor.errors import (
@@ -186,23 +187,31 @@ def encode_task(
     return data
 
 
-def _field(envelope: dict[str, Any], name: str, kinds: type | tuple[type, ...]) -> Any:
+def _field(envelope: dict[str, Any], name: str, kinds: frozenset[type]) -> Any:
+    # json.loads makes exact types, so one set lookup checks a field (and a bool is
+    # never taken for an int: its type is bool).
     value = envelope.get(name)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _as_tuple(kinds)):
-        expected = " or ".join(k.__name__ for k in _as_tuple(kinds))
+    if type(value) not in kinds:
+        expected = " or ".join(
+            sorted((k.__name__ for k in kinds if k is not NoneType), key=_KIND_ORDER.index)
+            + ["null"] * (NoneType in kinds)
+        )
         raise DecodeError(
             f"field {name!r} of the task message is {type(value).__name__}, expected {expected}"
         )
     return value
 
 
-def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kinds if isinstance(kinds, tuple) else (kinds,)
-
-
-_NONE: Final = type(None)
-_NUMBER: Final = (int, float)
-_OPTIONAL_NUMBER: Final = (int, float, _NONE)
+_KIND_ORDER: Final = ("str", "int", "float", "list", "dict")
+_STR: Final[frozenset[type]] = frozenset({str})
+_OPTIONAL_STR: Final[frozenset[type]] = frozenset({str, NoneType})
+_LIST: Final[frozenset[type]] = frozenset({list})
+_DICT: Final[frozenset[type]] = frozenset({dict})
+_OPTIONAL_DICT: Final[frozenset[type]] = frozenset({dict, NoneType})
+_INT: Final[frozenset[type]] = frozenset({int})
+_OPTIONAL_INT: Final[frozenset[type]] = frozenset({int, NoneType})
+_NUMBER: Final[frozenset[type]] = frozenset({int, float})
+_OPTIONAL_NUMBER: Final[frozenset[type]] = frozenset({int, float, NoneType})
 
 
 def decode_task(data: bytes, *, limit: int, task_id: str | None = None) -> TaskMessage:
@@ -234,23 +243,23 @@ def decode_task(data: bytes, *, limit: int, task_id: str | None = None) -> TaskM
             f"the task message has envelope version {version!r}; this worker reads version "
             f"{ENVELOPE_VERSION}: run the same taskprocessor version on producers and workers"
         )
-    priority = _field(envelope, "priority", int)
+    priority = _field(envelope, "priority", _INT)
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise DecodeError(f"the task message has priority {priority}, outside 0-100")
-    headers = _field(envelope, "headers", (dict, _NONE))
+    headers = _field(envelope, "headers", _OPTIONAL_DICT)
     if headers is not None and not all(
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise DecodeError("the task message's headers are not all strings")
-    max_attempts = _field(envelope, "max_attempts", (int, _NONE))
+    max_attempts = _field(envelope, "max_attempts", _OPTIONAL_INT)
     record = TaskRecord(
-        _field(envelope, "name", str),
-        tuple(_field(envelope, "args", list)),
-        _field(envelope, "kwargs", dict),
-        task_id=_field(envelope, "id", str),
+        _field(envelope, "name", _STR),
+        tuple(_field(envelope, "args", _LIST)),
+        _field(envelope, "kwargs", _DICT),
+        task_id=_field(envelope, "id", _STR),
         priority=priority,
-        queue=_field(envelope, "queue", str),
-        key=_field(envelope, "key", (str, _NONE)),
+        queue=_field(envelope, "queue", _STR),
+        key=_field(envelope, "key", _OPTIONAL_STR),
         timeout=_seconds(envelope, "timeout", positive=True),
         ttl=_seconds(envelope, "ttl", positive=True),
         headers=headers,
@@ -294,6 +303,8 @@ def _seconds(
     value = _field(envelope, name, _OPTIONAL_NUMBER if optional else _NUMBER)
     if value is None:
         return None
+    if type(value) is float and not math.isnan(value) and (not positive or value > 0):
+        return value  # the common case: a finite float (inf is allowed, as below)
     try:
         number = float(value)
     except OverflowError:

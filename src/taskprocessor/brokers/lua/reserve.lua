@@ -27,7 +27,11 @@ local taken = 0
 local wake_ms = nil
 local deadline = int(server_ms() + tonumber(lease_ms))
 
+local leased = {} -- {id, h, fields, hold} of each task to lease, in order
+
 -- Lease a task whose fields are f = {body, attempt, rt, cancel}; hold = limit fields.
+-- The leases are written once the claim is done (lease_all): one INCRBY for the fencing
+-- tokens and one ZADD for the deadlines, whatever the number of tasks.
 local function take(id, h, f, hold)
   taken = taken + 1
   if not f[1] then
@@ -37,15 +41,31 @@ local function take(id, h, f, hold)
     bury(prefix, h, id, 'failed', outcome_json(id, 'failed', 0, error_fields, reason), reason, max_dead)
     return
   end
-  local token = redis.call('INCR', prefix .. 'fence')
-  redis.call('HSET', h, 'state', 'running', 'token', token, 'worker', ARGV[7], unpack(hold))
-  redis.call('ZADD', leases, deadline, id)
-  out[#out + 1] = id
-  out[#out + 1] = f[1]
-  out[#out + 1] = f[2] or '0'
-  out[#out + 1] = token
-  out[#out + 1] = f[3] or now
-  out[#out + 1] = f[4] or ''
+  leased[#leased + 1] = {id, h, f, hold}
+end
+
+local function lease_all()
+  if #leased == 0 then
+    return
+  end
+  local token = redis.call('INCRBY', prefix .. 'fence', #leased) - #leased
+  local scores = {}
+  for _, lease in ipairs(leased) do
+    local id, f = lease[1], lease[3]
+    token = token + 1
+    redis.call('HSET', lease[2], 'state', 'running', 'token', token, 'worker', ARGV[7], unpack(lease[4]))
+    scores[#scores + 1] = deadline
+    scores[#scores + 1] = id
+    out[#out + 1] = id
+    out[#out + 1] = f[1]
+    out[#out + 1] = f[2] or '0'
+    out[#out + 1] = token
+    out[#out + 1] = f[3] or now
+    out[#out + 1] = f[4] or ''
+  end
+  for first = 1, #scores, 1000 do
+    redis.call('ZADD', leases, unpack(scores, first, math.min(first + 999, #scores)))
+  end
 end
 
 if redis.call('EXISTS', limits) == 0 then
@@ -246,6 +266,7 @@ else
   end
 end
 
+lease_all()
 out[2] = taken
 if taken == n and redis.call('ZCARD', ready) > 0 then
   wake(prefix) -- work is left: let another idle process have it
