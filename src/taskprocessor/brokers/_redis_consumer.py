@@ -111,13 +111,13 @@ class Consumer:
                 next_due = due if next_due is None else min(next_due, due)
             popped = int(reply[1])
             admitted = 0
-            for i in range(2, len(reply), 6):
+            for i in range(3, len(reply), 6):
                 record = await self.admit(keys, reply[i : i + 6])
                 if record is not None:
                     records.append(record)
                     admitted += 1
-            if popped == want or admitted < popped:
-                drained = False  # it may hold more (or a poison task was set aside)
+            if reply[2] or admitted < popped:
+                drained = False  # it holds more (or a poison task was set aside)
         return records, drained, next_due
 
     async def admit(self, keys: QueueKeys, item: list[bytes]) -> TaskRecord | None:

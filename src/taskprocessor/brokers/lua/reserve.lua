@@ -2,8 +2,9 @@
 -- global limit admits, lease them.
 -- KEYS: ready, delayed, leases, limits (task name -> global limits; see _redis_limits.py)
 -- ARGV: prefix, n, now_ms (producer clock, for delays), lease_ms, max_dead, window, worker
--- Returns {wake_ms or '', taken, id, body, attempt, token, ready_since_ms, cancel, ...}:
+-- Returns {wake_ms or '', taken, more, id, body, attempt, token, ready_since_ms, cancel, ...}:
 -- taken counts ids taken from ready, including any without a body (dead-lettered here);
+-- more is 1 when n were taken and ready ids are left (the claimer may claim ahead);
 -- wake_ms is the earliest of the next delayed task's due time and the time at which a
 -- task held back by a limit may pass (a rate limit's next token, a breaker's reopening).
 -- Lease deadlines use the server's clock, so no client clock can expire another's lease.
@@ -22,7 +23,7 @@ for _, id in ipairs(due) do
   end
 end
 
-local out = {'', 0}
+local out = {'', 0, 0}
 local taken = 0
 local wake_ms = nil
 local deadline = int(server_ms() + tonumber(lease_ms))
@@ -269,6 +270,7 @@ end
 lease_all()
 out[2] = taken
 if taken == n and redis.call('ZCARD', ready) > 0 then
+  out[3] = 1
   wake(prefix) -- work is left: let another idle process have it
 end
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
