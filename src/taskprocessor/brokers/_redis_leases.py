@@ -83,7 +83,9 @@ class Leases:
         # Leases replaced by a newer one for the same task here (it was taken back and
         # reserved again): their acks still go to Redis, to be refused there.
         self._superseded: dict[int, Lease] = {}
-        self._lock = threading.Lock()
+        # No lock: only the event loop's thread changes these dicts, one atomic operation
+        # at a time, and the heartbeat thread reads a copy (made in one C call, under the
+        # GIL or, in a free-threaded build, the dict's own lock).
         self._listeners: list[Callable[[str], None]] = []
         self._early: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,12 +104,12 @@ class Leases:
     def hold(self, lease: Lease) -> None:
         """Hold a new lease (and start the heartbeat thread with the first one)."""
         lease.deadline = time.monotonic() + self._lease  # the claim's reply came just now
-        with self._lock:
-            old = self._held.get(lease.record.id)
-            if old is not None:
-                old.lost = True
-                self._superseded[id(old.record)] = old
-            self._held[lease.record.id] = lease
+        held = self._held
+        old = held.get(lease.record.id)
+        if old is not None:
+            old.lost = True
+            self._superseded[id(old.record)] = old
+        held[lease.record.id] = lease
         if self._thread is None:
             self._loop = asyncio.get_running_loop()
             self._stop.clear()
@@ -125,11 +127,10 @@ class Leases:
         Raises:
             ValueError: ``record`` is not reserved here.
         """
-        with self._lock:
-            lease = self._held.get(record.id)
-            if lease is not None and lease.record is record:
-                del self._held[record.id]
-                return lease
+        lease = self._held.get(record.id)
+        if lease is not None and lease.record is record:
+            del self._held[record.id]
+            return lease
         superseded = self._superseded.pop(id(record), None)
         if superseded is not None and superseded.record is record:
             return superseded
@@ -140,10 +141,9 @@ class Leases:
 
     def restore(self, lease: Lease) -> None:
         """Hold a lease again after a failed call, so that the call can be tried again."""
-        with self._lock:
-            if lease.record.id not in self._held:
-                self._held[lease.record.id] = lease
-                return
+        if lease.record.id not in self._held:
+            self._held[lease.record.id] = lease
+            return
         self._superseded[id(lease.record)] = lease
 
     # -- cancel notices ------------------------------------------------------------
@@ -193,10 +193,9 @@ class Leases:
 
     def _snapshot(self) -> dict[QueueKeys, list[Lease]]:
         snapshot: dict[QueueKeys, list[Lease]] = {}
-        with self._lock:
-            for lease in self._held.values():
-                if not lease.lost:
-                    snapshot.setdefault(lease.keys, []).append(lease)
+        for lease in list(self._held.values()):  # a copy (see __init__)
+            if not lease.lost:
+                snapshot.setdefault(lease.keys, []).append(lease)
         return snapshot
 
     def _beat_forever(self) -> None:
