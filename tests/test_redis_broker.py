@@ -486,6 +486,44 @@ async def test_unique_key_returns_the_existing_task() -> None:
             await broker.enqueue(make(harness.queue), unique_key="k", unique_for=0)
 
 
+async def test_submits_of_one_round_trip_are_accepted_in_order_one_call_per_queue() -> None:
+    """Submits sent together (one script call per queue) keep every per-task rule.
+
+    Concurrent submits with one unique key: the first is stored, the others become views
+    of it. submit_many across two queues, with priorities, a delay and an id sent twice:
+    each task lands once, in its queue, in priority then FIFO order.
+    """
+    require_redis()
+    first, second = new_queue(), new_queue()
+    try:
+        clock = FakeClock(1.0)
+        async with RedisBroker(queues=(first, second), clock=clock) as broker:
+            same = [make(first, f"u{i}") for i in range(4)]
+            await asyncio.gather(*(broker.enqueue(r, unique_key="once") for r in same))
+            assert {r.id for r in same} == {same[0].id}
+            later = make(first, "later")
+            later.eta = clock.now() + 60.0
+            records = [
+                make(first, "a", priority=10),
+                make(second, "b", priority=10),
+                make(first, "c", priority=90),
+                later,
+                make(second, "d", priority=10),
+            ]
+            twice = make(first, "twice")
+            await broker.enqueue_many([*records, twice, twice])
+            assert [r.state for r in records] == [TaskState.QUEUED] * 3 + [
+                TaskState.SCHEDULED,
+                TaskState.QUEUED,
+            ]
+            assert await broker.depth() == (6, 1)  # u0, a, c, twice once; b, d
+            names = [(await reserve(broker)).name for _ in range(6)]
+            assert names == ["c", "u0", "twice", "a", "b", "d"]
+    finally:
+        delete_queue(first)
+        delete_queue(second)
+
+
 async def test_get_from_another_process_watches_the_task_until_it_ends() -> None:
     """A record found with get() elsewhere settles when the task ends, without polling."""
     harness = RedisHarness(require_redis())

@@ -12,6 +12,7 @@ Cross-connection effects are polled with a deadline, never slept for.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import subprocess
@@ -62,9 +63,11 @@ def submit_now(client: Any, producer: RedisBroker, record: TaskRecord) -> str:
     Nothing else in this process (an idle worker's claimer) runs meanwhile. Returns the
     state the task was accepted in: ``running`` when it was handed off.
     """
-    keys, args = producer._submitter.args(record, None, 0.0)
-    reply = client.evalsha(producer._store.scripts._shas["enqueue"], len(keys), *keys, *args)
-    return str(reply[2].decode())
+    submitter = producer._submitter
+    keys, args = submitter.script(record.queue)
+    items = json.dumps([submitter.item(record, None, 0.0)])
+    reply = client.evalsha(producer._store.scripts._shas["enqueue"], len(keys), *keys, *args, items)
+    return str(reply[0][2].decode())
 
 
 def spawn(coro: Awaitable[Any]) -> asyncio.Task[Any]:

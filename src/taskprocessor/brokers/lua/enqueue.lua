@@ -1,47 +1,29 @@
--- Accept a task: ready now (ZADD ready by packed score) or later (ZADD delayed by due time).
--- KEYS: task hash, ready, delayed, unique key (or the task hash again when not unique),
---       leases, idle (workers registered by park.lua), limits (task name -> limits)
--- ARGV: prefix, id, body, priority, due_ms ('' = now), now_ms, reply, max_attempts,
---       unique_ttl_ms ('' = no unique key), task name, concurrency key ('' = none, else
---       '=' and the key: the claim reads both for global limits without decoding the body)
--- Returns {1, id, state} when accepted, {0, existing_id, state} for a duplicate; state
--- 'running' means the task was handed off to an idle worker process (see hand_off below).
-local h, ready, delayed, unique = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local leases, idle, limits = KEYS[5], KEYS[6], KEYS[7]
-local prefix, id, body, priority, due, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local reply, max_attempts, unique_ttl = ARGV[7], ARGV[8], ARGV[9]
-local name, ckey = ARGV[10], ARGV[11]
+-- Accept tasks of one queue, in order: each ready now (ZADD ready by packed score),
+-- later (ZADD delayed by due time), or handed off to an idle worker process.
+-- KEYS: ready, delayed, leases, idle (workers registered by park.lua),
+--       limits (task name -> limits)
+-- ARGV: prefix, reply channel ('' = none), tasks: a JSON array of
+--       [id, body, priority, due_ms ('' = now), now_ms (the producer's clock), max_attempts,
+--        name, concurrency key ('' = none, else '=' and the key: the claim reads both for
+--        global limits without decoding the body), unique key ('' = none), unique_ttl_ms]
+-- Returns one reply per task, in order: {1, id, state} when accepted, {0, existing_id,
+-- state} for a duplicate; state 'running' means the task was handed off to an idle
+-- worker process (see hand_off below).
+-- Per task it reads the task hash's state (an id is accepted once) and writes the hash;
+-- the sequence numbers, the ready ZADD, the count and the wake go once per call.
+local ready, delayed, leases, idle, limits = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local prefix, reply = ARGV[1], ARGV[2]
+local tasks = cjson.decode(ARGV[3])
 
-if unique_ttl ~= '' then
-  local existing = redis.call('GET', unique)
-  if existing then
-    local state = redis.call('HGET', task_key(prefix, existing), 'state')
-    if state then
-      return {0, existing, state}
-    end
-  end
-end
-local current = redis.call('HGET', h, 'state')
-if current then
-  return {0, id, current} -- the same id twice: a producer retrying after a lost reply
-end
-
-local fields = {'body', body, 'prio', priority, 'attempt', 0, 'max', max_attempts, 'name', name}
-if ckey ~= '' then
-  fields[#fields + 1] = 'ckey'
-  fields[#fields + 1] = string.sub(ckey, 2)
-end
-if reply ~= '' then
-  fields[#fields + 1] = 'reply'
-  fields[#fields + 1] = reply
-end
 -- Hand-off: a task ready now goes straight to an idle worker process registered by
 -- park.lua, leased as reserve.lua would lease it, and pushed to that worker's inbox, so
 -- the worker starts it without a claim round trip. Only while the queue is empty (no task
--- ready, none due), so it overtakes nothing, and for a type without global limits (those
--- are the claim's to check). The worker registered longest ago goes first.
-local function hand_off(score, fields)
-  if redis.call('EXISTS', idle) == 0 or redis.call('EXISTS', ready) == 1 then
+-- ready, none due: queued_here counts those this call made ready), so it overtakes
+-- nothing, and for a type without global limits (those are the claim's to check). The
+-- worker registered longest ago goes first.
+local queued_here = false
+local function hand_off(h, id, body, name, score, fields, now)
+  if queued_here or redis.call('EXISTS', idle) == 0 or redis.call('EXISTS', ready) == 1 then
     return false
   end
   if redis.call('HEXISTS', limits, name) == 1 then
@@ -78,26 +60,66 @@ local function hand_off(score, fields)
   return false
 end
 
-local state
-if due ~= '' and tonumber(due) > tonumber(now) then
-  state = 'scheduled'
-  redis.call('ZADD', delayed, due, id)
-  redis.call('HSET', h, 'state', state, unpack(fields))
-else
-  local score = ready_score(prefix, priority)
-  if hand_off(score, fields) then
-    state = 'running'
+-- One sequence number per task, taken at once (FIFO among equals; gaps are harmless).
+local seq = redis.call('INCRBY', prefix .. 'seq', #tasks) - #tasks
+local replies, scores = {}, {}
+local accepted, woken = 0, false
+
+for i, task in ipairs(tasks) do
+  local id, body, priority, due, now = task[1], task[2], task[3], task[4], task[5]
+  local max_attempts, name, ckey, unique_key, unique_ttl = task[6], task[7], task[8], task[9], task[10]
+  local h = task_key(prefix, id)
+  local unique = unique_key ~= '' and prefix .. 'u:' .. unique_key
+  local existing = unique and redis.call('GET', unique)
+  local existing_state = existing and redis.call('HGET', task_key(prefix, existing), 'state')
+  local current = not existing_state and redis.call('HGET', h, 'state')
+  seq = seq + 1
+  if existing_state then
+    replies[i] = {0, existing, existing_state}
+  elseif current then
+    replies[i] = {0, id, current} -- the same id twice: a producer retrying after a lost reply
   else
-    state = 'queued'
-    redis.call('ZADD', ready, score, id)
-    redis.call('HSET', h, 'state', state, 'score', score, 'rt', now, unpack(fields))
+    local fields = {'body', body, 'prio', priority, 'attempt', 0, 'max', max_attempts, 'name', name}
+    if ckey ~= '' then
+      fields[#fields + 1] = 'ckey'
+      fields[#fields + 1] = string.sub(ckey, 2)
+    end
+    if reply ~= '' then
+      fields[#fields + 1] = 'reply'
+      fields[#fields + 1] = reply
+    end
+    local state
+    if due ~= '' and tonumber(due) > tonumber(now) then
+      state = 'scheduled'
+      redis.call('ZADD', delayed, due, id)
+      redis.call('HSET', h, 'state', state, unpack(fields))
+    else
+      local score = int((100 - tonumber(priority)) * PRIORITY_SPAN + seq)
+      if hand_off(h, id, body, name, score, fields, now) then
+        state = 'running'
+      else
+        state = 'queued'
+        queued_here = true
+        scores[#scores + 1] = score
+        scores[#scores + 1] = id
+        redis.call('HSET', h, 'state', state, 'score', score, 'rt', now, unpack(fields))
+      end
+    end
+    if unique then
+      redis.call('SET', unique, id, 'PX', unique_ttl)
+    end
+    accepted = accepted + 1
+    woken = woken or state ~= 'running'
+    replies[i] = {1, id, state}
   end
 end
-redis.call('HINCRBY', prefix .. 'stats', 'enqueued', 1)
-if unique_ttl ~= '' then
-  redis.call('SET', unique, id, 'PX', unique_ttl)
+for first = 1, #scores, 1000 do
+  redis.call('ZADD', ready, unpack(scores, first, math.min(first + 999, #scores)))
 end
-if state ~= 'running' then
+if accepted > 0 then
+  redis.call('HINCRBY', prefix .. 'stats', 'enqueued', accepted)
+end
+if woken then
   wake(prefix)
 end
-return {1, id, state}
+return replies
