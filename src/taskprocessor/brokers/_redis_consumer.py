@@ -112,10 +112,14 @@ class Consumer:
             popped = int(reply[1])
             admitted = 0
             for i in range(3, len(reply), 6):
-                record = await self.admit(keys, reply[i : i + 6])
-                if record is not None:
-                    records.append(record)
-                    admitted += 1
+                item = reply[i : i + 6]
+                try:
+                    record = self._hold(keys, item)
+                except Exception as exc:  # noqa: BLE001 - see admit
+                    await self._bury_unreadable(keys, item[0].decode(), int(item[3]), exc)
+                    continue
+                records.append(record)
+                admitted += 1
             if reply[2] or admitted < popped:
                 drained = False  # it holds more (or a poison task was set aside)
         return records, drained, next_due
@@ -126,17 +130,25 @@ class Consumer:
         Any error reading it dead-letters it, not only a `DecodeError`: a message that
         hits a gap in the decoder must not stop the claimer, which serves every worker.
         """
+        try:
+            return self._hold(keys, item)
+        except Exception as exc:  # noqa: BLE001 - any unreadable message is dead-lettered
+            await self._bury_unreadable(keys, item[0].decode(), int(item[3]), exc)
+            return None
+
+    def _hold(self, keys: QueueKeys, item: list[bytes]) -> TaskRecord:
+        """Decode a claimed task and hold its lease (synchronous: the claim's hot path).
+
+        Raises:
+            Exception: Whatever reading it raised; nothing is held then.
+        """
         task_id_raw, body, attempt, token, ready_since, cancel = item
         task_id = task_id_raw.decode()
         offset = self._shared.offset
-        try:
-            message = decode_task(body, limit=self._shared.settings.max_payload, task_id=task_id)
-            record = message.record_on(offset)
-            record.attempt = int(attempt)
-            record.enqueued_at = int(ready_since) / 1000 - offset  # when it last became ready
-        except Exception as exc:  # noqa: BLE001 - any unreadable message is dead-lettered
-            await self._bury_unreadable(keys, task_id, int(token), exc)
-            return None
+        message = decode_task(body, limit=self._shared.settings.max_payload, task_id=task_id)
+        record = message.record_on(offset)
+        record.attempt = int(attempt)
+        record.enqueued_at = int(ready_since) / 1000 - offset  # when it last became ready
         record.state = _RUNNING
         record.sort_key = -record.priority  # tasks parked in the process leave best first
         lease = Lease(record, keys, int(token))
