@@ -25,12 +25,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
 
+from taskprocessor._checks import is_real
 from taskprocessor.errors import ConfigurationError
+from taskprocessor.resilience._windows import FAILED, SLOW, CountWindow, TimeWindow
 
 __all__ = [
     "BreakerPermit",
@@ -41,9 +42,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_FAILED = 1
-_SLOW = 2
 
 
 class BreakerState(enum.Enum):
@@ -156,83 +154,6 @@ class BreakerPermit:
         return f"<BreakerPermit {self.breaker.name!r} {kind} epoch={self.epoch}{done}>"
 
 
-class _CountWindow:
-    """The last ``size`` outcomes."""
-
-    __slots__ = ("calls", "failures", "outcomes", "slow")
-
-    def __init__(self, size: int) -> None:
-        self.outcomes: deque[int] = deque(maxlen=size)
-        self.calls = 0
-        self.failures = 0
-        self.slow = 0
-
-    def add(self, now: float, flags: int) -> None:
-        outcomes = self.outcomes
-        if len(outcomes) == outcomes.maxlen:
-            self._forget(outcomes[0])
-        outcomes.append(flags)
-        self.calls += 1
-        self.failures += flags & _FAILED
-        self.slow += (flags & _SLOW) >> 1
-
-    def _forget(self, flags: int) -> None:
-        self.calls -= 1
-        self.failures -= flags & _FAILED
-        self.slow -= (flags & _SLOW) >> 1
-
-    def expire(self, now: float) -> None:
-        """Nothing expires by age in a count-based window."""
-
-    def clear(self) -> None:
-        self.outcomes.clear()
-        self.calls = self.failures = self.slow = 0
-
-
-class _TimeWindow:
-    """Outcomes of the last ``ceil(seconds)`` whole seconds, one bucket per second."""
-
-    __slots__ = ("buckets", "calls", "failures", "seconds", "slow")
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = max(1, math.ceil(seconds))
-        # [second, calls, failures, slow], oldest first.
-        self.buckets: deque[list[int]] = deque()
-        self.calls = 0
-        self.failures = 0
-        self.slow = 0
-
-    def expire(self, now: float) -> None:
-        oldest_kept = math.floor(now) - self.seconds + 1
-        buckets = self.buckets
-        while buckets and buckets[0][0] < oldest_kept:
-            _, calls, failures, slow = buckets.popleft()
-            self.calls -= calls
-            self.failures -= failures
-            self.slow -= slow
-
-    def add(self, now: float, flags: int) -> None:
-        self.expire(now)
-        second = math.floor(now)
-        buckets = self.buckets
-        # A clock that stepped back lands in the newest bucket rather than reordering.
-        if not buckets or buckets[-1][0] < second:
-            buckets.append([second, 0, 0, 0])
-        bucket = buckets[-1]
-        failed = flags & _FAILED
-        slow = (flags & _SLOW) >> 1
-        bucket[1] += 1
-        bucket[2] += failed
-        bucket[3] += slow
-        self.calls += 1
-        self.failures += failed
-        self.slow += slow
-
-    def clear(self) -> None:
-        self.buckets.clear()
-        self.calls = self.failures = self.slow = 0
-
-
 @final
 class CircuitBreaker:
     """Stop calling a failing dependency for a while, then probe it.
@@ -340,17 +261,17 @@ class CircuitBreaker:
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window < 2**63:
             raise ConfigurationError("window", window, "a number of outcomes from 1 to 2**63 - 1")
         if window_seconds is not None and not (
-            _real(window_seconds) and 0 < window_seconds < math.inf
+            is_real(window_seconds) and 0 < window_seconds < math.inf
         ):
             raise ConfigurationError("window_seconds", window_seconds, "seconds > 0, or None")
-        if not _real(failure_ratio) or not 0 < failure_ratio <= 1:
+        if not is_real(failure_ratio) or not 0 < failure_ratio <= 1:
             raise ConfigurationError("failure_ratio", failure_ratio, "a ratio above 0, at most 1")
-        if not _real(slow_call_ratio) or not 0 < slow_call_ratio <= 1:
+        if not is_real(slow_call_ratio) or not 0 < slow_call_ratio <= 1:
             raise ConfigurationError(
                 "slow_call_ratio", slow_call_ratio, "a ratio above 0, at most 1 (1 disables it)"
             )
         if slow_call_seconds is not None and not (
-            _real(slow_call_seconds) and 0 < slow_call_seconds < math.inf
+            is_real(slow_call_seconds) and 0 < slow_call_seconds < math.inf
         ):
             raise ConfigurationError("slow_call_seconds", slow_call_seconds, "seconds > 0, or None")
         if slow_call_ratio < 1 and slow_call_seconds is None:
@@ -363,7 +284,7 @@ class CircuitBreaker:
             raise ConfigurationError(
                 "min_calls", min_calls, f"at most window={window}, or the breaker never trips"
             )
-        if not _real(open_seconds) or not 0 <= open_seconds < math.inf:
+        if not is_real(open_seconds) or not 0 <= open_seconds < math.inf:
             raise ConfigurationError("open_seconds", open_seconds, "finite seconds >= 0")
         if (
             isinstance(half_open_probes, bool)
@@ -373,8 +294,8 @@ class CircuitBreaker:
             raise ConfigurationError("half_open_probes", half_open_probes, "an integer >= 1")
         if not isinstance(name, str) or not name:
             raise ConfigurationError("name", name, "a non-empty string")
-        self._window: _CountWindow | _TimeWindow = (
-            _CountWindow(window) if window_seconds is None else _TimeWindow(window_seconds)
+        self._window: CountWindow | TimeWindow = (
+            CountWindow(window) if window_seconds is None else TimeWindow(window_seconds)
         )
         self._failure_ratio = float(failure_ratio)
         self._slow_call_ratio = float(slow_call_ratio)
@@ -520,7 +441,7 @@ class CircuitBreaker:
             self._ignored += 1
             return
         if state is BreakerState.CLOSED:
-            self._window.add(now, (0 if success else _FAILED) | (_SLOW if slow else 0))
+            self._window.add(now, (0 if success else FAILED) | (SLOW if slow else 0))
             self._check_trip(now)
         elif not success or (slow and self._slow_call_ratio < 1):
             why = "failed" if not success else f"took {duration:g}s"
@@ -666,8 +587,3 @@ class CircuitBreaker:
                     change.old.value,
                     new.value,
                 )
-
-
-def _real(value: object) -> bool:
-    """Whether ``value`` is an int or float (not a bool, which is a slip for a number)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import final
 
+from taskprocessor._checks import is_real
 from taskprocessor.errors import ConfigurationError, TaskProcessorError
 
 __all__ = ["RetryPolicy"]
@@ -58,15 +59,15 @@ class RetryPolicy:
             raise ConfigurationError("max_attempts", self.max_attempts, "an integer >= 1")
         # Infinite delays are refused too: a retry due at infinity never runs (and cannot
         # be stored by a broker that keeps due times in milliseconds).
-        if not _real(self.base_delay) or not 0 <= self.base_delay < math.inf:
+        if not is_real(self.base_delay) or not 0 <= self.base_delay < math.inf:
             raise ConfigurationError("base_delay", self.base_delay, "finite seconds >= 0")
-        if not _real(self.factor) or not 1 <= self.factor < math.inf:
+        if not is_real(self.factor) or not 1 <= self.factor < math.inf:
             raise ConfigurationError("factor", self.factor, "a finite number >= 1")
-        if not _real(self.max_delay) or not self.base_delay <= self.max_delay < math.inf:
+        if not is_real(self.max_delay) or not self.base_delay <= self.max_delay < math.inf:
             raise ConfigurationError(
                 "max_delay", self.max_delay, f"finite seconds >= base_delay ({self.base_delay})"
             )
-        if not _real(self.jitter) or not 0 <= self.jitter <= 1:
+        if not is_real(self.jitter) or not 0 <= self.jitter <= 1:
             raise ConfigurationError("jitter", self.jitter, "a fraction from 0 to 1")
         for name in ("retry_on", "dont_retry_on"):
             value = getattr(self, name)
@@ -100,8 +101,3 @@ class RetryPolicy:
             return raw
         spread = (rng or random).random() * self.jitter
         return raw * (1.0 - spread)
-
-
-def _real(value: object) -> bool:
-    """Whether ``value`` is an int or float (not a bool: ``True`` seconds is a slip)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
