@@ -44,11 +44,11 @@ _CONFIGURATION = """configuration, highest precedence first:
   2. environment variables TASKPROCESSOR_<SETTING>: TASKPROCESSOR_APP,
      TASKPROCESSOR_BROKER_URL, TASKPROCESSOR_QUEUES, TASKPROCESSOR_CONCURRENCY,
      TASKPROCESSOR_AUTOSCALE, TASKPROCESSOR_GRACE, TASKPROCESSOR_METRICS_PORT,
-     TASKPROCESSOR_METRICS_ADDR, TASKPROCESSOR_LOG_LEVEL
+     TASKPROCESSOR_METRICS_ADDR, TASKPROCESSOR_LOG_LEVEL, TASKPROCESSOR_LOOP
   3. the TOML file named by --config FILE or TASKPROCESSOR_CONFIG, else the
      [tool.taskprocessor] table of ./pyproject.toml (keys: app, broker_url, queues,
-     concurrency, autoscale, grace, metrics_port, metrics_addr, log_level; an
-     unknown key is an error)
+     concurrency, autoscale, grace, metrics_port, metrics_addr, log_level, loop;
+     an unknown key is an error)
   4. defaults
 """
 
@@ -56,6 +56,7 @@ _WORKER_EXAMPLES = f"""examples:
   taskprocessor worker myproject.tasks:app
   taskprocessor worker myproject.tasks:app --concurrency 128 --queues default,emails
   taskprocessor worker myproject.tasks:app --autoscale 4:128 --metrics-port 9100
+  taskprocessor worker myproject.tasks:app --loop asyncio
   {_BROKER_URL_ENV}=redis://:secret@cache:6379/0 taskprocessor worker myproject.tasks:app
   taskprocessor worker --config deploy/worker.toml
 
@@ -310,6 +311,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="address of the metrics endpoint (default: 127.0.0.1; 0.0.0.0 for all)",
     )
+    worker.add_argument(
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        help="the event loop (default: auto, uvloop when installed with "
+        "pip install 'taskprocessor[uvloop]', else asyncio)",
+    )
 
     submit = command("submit", "submit one task and print its id", _SUBMIT_EXAMPLES)
     submit.add_argument("task", metavar="TASK", help="the registered task name")
@@ -495,6 +502,7 @@ _OPTION_SETTINGS: Final = {
     "metrics_port": ("metrics_port", "--metrics-port"),
     "metrics_addr": ("metrics_addr", "--metrics-addr"),
     "log_level": ("log_level", "--log-level"),
+    "loop": ("loop", "--loop"),
 }
 
 
@@ -594,6 +602,7 @@ def _worker(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
             grace=settings.grace,
             metrics_port=settings.metrics_port,
             metrics_addr=settings.metrics_addr,
+            loop=settings.loop,
         )
     except ConfigurationError as exc:
         raise Usage(str(exc), 2) from None

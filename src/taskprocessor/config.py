@@ -37,7 +37,11 @@ grace           TASKPROCESSOR_GRACE             ``--grace``           30.0 secon
 metrics_port    TASKPROCESSOR_METRICS_PORT      ``--metrics-port``    no endpoint
 metrics_addr    TASKPROCESSOR_METRICS_ADDR      ``--metrics-addr``    127.0.0.1
 log_level       TASKPROCESSOR_LOG_LEVEL         ``--log-level``       info (worker), error
+loop            TASKPROCESSOR_LOOP              ``--loop``            auto
 ==============  ==============================  ====================  =====================
+
+``loop`` is the worker's event loop: ``uvloop`` (the ``uvloop`` extra), ``asyncio`` (the
+standard library's), or ``auto``, uvloop when it is installed and asyncio otherwise.
 
 Example:
     >>> settings = load_settings({"concurrency": 8}, environ={}, cwd="/nonexistent")
@@ -64,6 +68,7 @@ from taskprocessor.errors import ConfigurationError
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "LOOPS",
     "PRECEDENCE",
     "SETTINGS",
     "SettingSpec",
@@ -84,6 +89,9 @@ PRECEDENCE: Final = (
     "./pyproject.toml; then the defaults. Unknown keys in the TOML table are an error."
 )
 """The precedence of settings, in one paragraph (the command line's ``--help`` shows it)."""
+
+LOOPS: Final = ("auto", "asyncio", "uvloop")
+"""The values of the ``loop`` setting: the worker's event loop (see `taskprocessor.worker`)."""
 
 _TABLE: Final = "[tool.taskprocessor]"
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -186,6 +194,12 @@ def _parse_log_level(value: object) -> str:
     return value.lower()
 
 
+def _parse_loop(value: object) -> str:
+    if not isinstance(value, str) or value.lower() not in LOOPS:
+        raise _Invalid
+    return value.lower()
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class SettingSpec:
@@ -269,6 +283,13 @@ SETTINGS: Final[tuple[SettingSpec, ...]] = (
         "info for worker, error for the other commands",
         _parse_log_level,
     ),
+    SettingSpec(
+        "loop",
+        "--loop",
+        "one of auto, asyncio, uvloop",
+        "auto: uvloop when installed, else asyncio",
+        _parse_loop,
+    ),
 )
 _SPECS: Final = {spec.name: spec for spec in SETTINGS}
 
@@ -294,6 +315,9 @@ class Settings:
         metrics_addr: The address the metrics endpoint binds.
         log_level: ``debug``, ``info``, ``warning`` or ``error``; None for the
             command's default.
+        loop: The worker's event loop: ``auto`` (uvloop when installed, else
+            asyncio), ``asyncio`` or ``uvloop``. Whether uvloop is installed is checked
+            when the worker starts (`taskprocessor.worker.WorkerOptions`).
         sources: Where each setting that is not a default came from, by name.
         warnings: Things worth telling the user that are not errors (an environment
             variable that looks like a misspelt setting).
@@ -311,6 +335,7 @@ class Settings:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     log_level: str | None = None
+    loop: str = "auto"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 

@@ -5,7 +5,11 @@
     load_app("package.module:app")            import the module, take the TaskProcessor
     use_shared_broker(app, url, queues)       --broker / TASKPROCESSOR_BROKER_URL, --queues
     serve(app, options, stop)                 metrics endpoint, app.run(), wait for stop
-    run_worker(app, options)                  all of it in asyncio.run, stopped by signals
+    run_worker(app, options)                  all of it on a new event loop, stopped by signals
+
+The event loop is uvloop's when it is installed (``pip install "taskprocessor[uvloop]"``)
+and asyncio's otherwise; ``--loop asyncio`` or ``--loop uvloop`` chooses (see
+`event_loop_factory`).
 
 Shutdown is the pool's, in three phases (see `taskprocessor.engine.pool`): on the first
 SIGTERM or SIGINT the workers stop reserving at once and tasks reserved but not started
@@ -35,6 +39,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from taskprocessor.app import TaskProcessor
 from taskprocessor.brokers import Broker, open_broker
+from taskprocessor.config import LOOPS
 from taskprocessor.engine.autoscaler import Autoscale
 from taskprocessor.engine.pool import ShutdownReport
 from taskprocessor.errors import ConfigurationError
@@ -44,6 +49,7 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "QueueSelectable",
     "WorkerOptions",
+    "event_loop_factory",
     "load_app",
     "require_shared",
     "run_worker",
@@ -78,6 +84,12 @@ class WorkerOptions:
         metrics_port: Serve Prometheus metrics on this port (0: any free one); None
             for no endpoint.
         metrics_addr: The address the metrics endpoint binds (loopback by default).
+        loop: The event loop: ``"auto"`` (uvloop when installed, else asyncio),
+            ``"asyncio"`` or ``"uvloop"`` (see `event_loop_factory`).
+
+    Raises:
+        ConfigurationError: A value out of range, or ``loop="uvloop"`` without uvloop
+            installed.
     """
 
     concurrency: int | None = None
@@ -85,6 +97,7 @@ class WorkerOptions:
     grace: float = 30.0
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
+    loop: str = "auto"
 
     def __post_init__(self) -> None:
         concurrency, autoscale = self.concurrency, self.autoscale
@@ -106,6 +119,7 @@ class WorkerOptions:
         grace = self.grace
         if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
             raise ConfigurationError("grace", grace, "seconds >= 0")
+        event_loop_factory(self.loop)  # a bad name, or uvloop missing, fails here
 
     @property
     def workers(self) -> int:
@@ -271,11 +285,12 @@ async def serve(
     with _metrics(app, options) as metrics_url:
         async with app.run(workers=options.workers, autoscale=options.autoscale):
             logger.info(
-                "worker ready: pid %d, broker %s%s, %s%s",
+                "worker ready: pid %d, broker %s%s, %s, %s event loop%s",
                 os.getpid(),
                 app.broker.url,
                 _queues_text(app.broker),
                 _pool_size(options),
+                _loop_name(asyncio.get_running_loop()),
                 f", metrics at {metrics_url}" if metrics_url else "",
             )
             if on_ready is not None:
@@ -325,20 +340,61 @@ def _metrics(app: TaskProcessor, options: WorkerOptions) -> Iterator[str | None]
         server.close()
 
 
+def event_loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return the ``loop_factory`` of `asyncio.Runner` for the event loop named ``loop``.
+
+    Args:
+        loop: ``"uvloop"``, ``"asyncio"``, or ``"auto"``: uvloop when it can be
+            imported, else asyncio. uvloop runs the same code with less overhead per
+            callback and per socket operation (``benchmarks/README.md`` has figures).
+
+    Returns:
+        ``uvloop.new_event_loop``, or None for asyncio's own loop (as `asyncio.run`
+        makes it).
+
+    Raises:
+        ConfigurationError: ``loop`` is not one of these, or is ``"uvloop"`` and uvloop
+            cannot be imported.
+    """
+    if not isinstance(loop, str) or loop not in LOOPS:
+        raise ConfigurationError("loop", loop, f"one of {', '.join(LOOPS)}")
+    if loop == "asyncio":
+        return None
+    try:
+        # An optional extra, imported only when it may be used; through importlib so
+        # that type checking does not need it installed.
+        uvloop = importlib.import_module("uvloop")
+    except ImportError as exc:
+        if loop == "auto":
+            return None
+        raise ConfigurationError(
+            "loop",
+            loop,
+            f"auto or asyncio: uvloop cannot be imported ({exc}); install it with "
+            "pip install 'taskprocessor[uvloop]'",
+        ) from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def run_worker(
     app: TaskProcessor,
     options: WorkerOptions,
     *,
     on_ready: Callable[[], object] | None = None,
 ) -> int:
-    """Run ``app``'s workers in a new event loop until SIGTERM or SIGINT; return the exit status.
+    """Run ``app``'s workers on a new event loop until SIGTERM or SIGINT; return the exit status.
 
     The first signal shuts down gracefully (see the module docstring) and the status is
     0; a second exits the process at once with status 1.
 
     Args:
         app: The processor, with its shared broker (see `use_shared_broker`).
-        options: How to run.
+        options: How to run, the event loop included (``options.loop``).
         on_ready: Called on the event loop once the workers are ready.
 
     Raises:
@@ -350,7 +406,8 @@ def run_worker(
         with _stop_signals(asyncio.get_running_loop(), stop):
             return await serve(app, options, stop=stop, on_ready=on_ready)
 
-    report = asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop_factory(options.loop)) as runner:
+        report = runner.run(main())
     if report.threads_abandoned:
         # The interpreter would join the pool's threads at exit, waiting for handlers
         # that ignore cancellation; their tasks were handed back or settled already.
