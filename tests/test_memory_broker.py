@@ -224,6 +224,63 @@ def test_release_puts_tasks_back_in_their_original_position(
     run_async(check)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("put"), st.integers(min_value=0, max_value=4)),
+            st.tuples(st.just("enqueue"), st.integers(min_value=0, max_value=4)),
+            st.tuples(st.just("take"), st.just(0)),
+            st.tuples(st.just("cancel"), st.integers(min_value=0, max_value=1000)),
+            st.tuples(st.just("release"), st.integers(min_value=0, max_value=1000)),
+        ),
+        max_size=60,
+    )
+)
+def test_any_mix_of_submits_takes_cancels_and_releases_keeps_priority_then_fifo(
+    steps: list[tuple[str, int]],
+) -> None:
+    """put_nowait and enqueue, get_nowait, cancels and releases in any order: every take
+    returns the best queued task, by priority then submission order (a released task
+    at its original place), and the counts agree with the model."""
+
+    async def check() -> None:
+        broker = MemoryBroker(clock=FakeClock(1000.0))
+        queued: list[tuple[int, int, TaskRecord]] = []  # (-priority, order, record)
+        running: list[tuple[int, int, TaskRecord]] = []
+        for i, (op, arg) in enumerate(steps):
+            if op in {"put", "enqueue"}:
+                record = make(f"t{i}", priority=arg * 25)
+                if op == "put":
+                    assert broker.put_nowait(record)
+                else:
+                    await broker.enqueue(record)
+                queued.append((-record.priority, i, record))
+            elif op == "take":
+                got = broker.get_nowait()
+                if not queued:
+                    assert got is None
+                    continue
+                best = min(queued, key=lambda e: e[:2])
+                assert got is best[2]
+                queued.remove(best)
+                running.append(best)
+            elif op == "cancel" and queued:
+                entry = queued.pop(arg % len(queued))
+                assert await broker.cancel(entry[2].id) is TaskState.QUEUED
+            elif op == "release" and running:
+                entry = running.pop(arg % len(running))
+                await broker.release(entry[2])
+                queued.append(entry)
+            stats = broker.statistics()
+            assert (stats.queued, stats.running) == (len(queued), len(running))
+        expected = [entry[2] for entry in sorted(queued, key=lambda e: e[:2])]
+        assert [broker.get_nowait() for _ in expected] == expected
+        assert broker.get_nowait() is None
+
+    run_async(check)
+
+
 async def test_release_puts_a_task_ahead_of_later_equals(clock: FakeClock) -> None:
     """A released task goes back before the equal-priority tasks submitted after it."""
     broker = MemoryBroker(clock=clock)
@@ -612,8 +669,8 @@ async def test_mass_cancellation_compacts_the_heap_and_keeps_order(clock: FakeCl
     for i, record in enumerate(records):
         if i % 3:
             assert await broker.cancel(record.id) is TaskState.QUEUED
-    # The cancelled entries were dropped from the heap, not just skipped.
-    assert len(broker._ready) < len(records) - 1024
+    # The cancelled entries were dropped from the priority lanes, not just skipped.
+    assert broker._entry_count() < len(records) - 1024
     stats = broker.statistics()
     assert stats.queued == len(survivors)
     expected_counts: dict[int, int] = {}

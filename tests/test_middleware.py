@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from taskprocessor import (
     TaskState,
 )
 from taskprocessor.engine.definition import TaskDefinition
-from taskprocessor.engine.middleware import Defer, Middleware, Outcome
+from taskprocessor.engine.middleware import SUCCESS_BATCH, Defer, Middleware, Outcome
 from taskprocessor.testing import FakeClock, settle
 
 
@@ -315,6 +315,87 @@ async def test_a_failing_hook_is_logged_and_the_task_carries_on(
             assert await (await task.submit()).result(timeout=5) == "ok"
     assert sum("Broken.before_run failed" in r.getMessage() for r in caplog.records) == 1
     assert sum("Broken.on_settled failed" in r.getMessage() for r in caplog.records) == 1
+
+
+class Batcher(Middleware):
+    """Takes successes in batches; sees other attempts through after_run and on_settled."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.after: list[str] = []
+        self.settled: list[str] = []
+
+    def after_run(self, record: TaskRecord, ctx: TaskContext, outcome: Outcome, state: Any) -> None:
+        assert ctx.task_id == record.id
+        self.after.append(f"{record.args[0]}:{outcome.state.value}")
+
+    def on_settled(self, record: TaskRecord) -> None:
+        self.settled.append(f"{record.args[0]}:{record.state.value}")
+
+    def on_successes(self, records: Sequence[TaskRecord], ended: Sequence[float]) -> None:
+        assert len(ended) == len(records)
+        for record, end in zip(records, ended, strict=True):
+            assert record.state is TaskState.SUCCEEDED
+            assert record.started_at is not None
+            assert record.finished_at is not None
+            assert record.enqueued_at <= record.started_at <= end <= record.finished_at
+        self.batches.append([str(r.args[0]) for r in records])
+
+
+async def test_successes_reach_on_successes_once_and_other_attempts_after_run() -> None:
+    """A middleware with on_successes gets each success there exactly once, in batches of
+    at most SUCCESS_BATCH, and every failed attempt through after_run and on_settled."""
+    batcher = Batcher()
+    journal: list[tuple[str, str]] = []
+    app = TaskProcessor(middleware=[batcher, Recorder("r", journal)])
+
+    @app.task(retries=1)
+    async def work(n: int) -> int:
+        if n % 50 == 7:
+            raise ValueError(n)
+        return n
+
+    total = 3 * SUCCESS_BATCH + 5
+    async with app.run(workers=4):
+        jobs = [await work.submit(n) for n in range(total)]
+        await app.join()
+    succeeded = [str(n) for n in range(total) if n % 50 != 7]
+    failed = [str(n) for n in range(total) if n % 50 == 7]
+    assert sorted(n for batch in batcher.batches for n in batch) == sorted(succeeded)
+    assert all(len(batch) <= SUCCESS_BATCH for batch in batcher.batches)
+    assert sorted(batcher.after) == sorted(f"{n}:failed" for n in failed for _ in range(2))
+    assert sorted(batcher.settled) == sorted(f"{n}:failed" for n in failed)
+    # A middleware without on_successes still sees every success in after_run and on_settled.
+    assert sum(event == "settled:succeeded" for _, event in journal) == len(succeeded)
+    assert sum(event == "after:succeeded:state-of-r" for _, event in journal) == len(succeeded)
+    assert sum(j.state is TaskState.SUCCEEDED for j in jobs) == len(succeeded)
+
+
+async def test_statistics_hand_over_the_successes_of_a_busy_pool() -> None:
+    """Successes still batched while workers are busy reach on_successes when statistics
+    are read (as a scrape of gauges does)."""
+    batcher = Batcher()
+    app = TaskProcessor(middleware=[batcher])
+    release = asyncio.Event()
+
+    @app.task
+    async def work(n: int) -> int:
+        if n == 0:
+            await release.wait()
+        return n
+
+    async with app.run(workers=1):
+        jobs = [await work.submit(n) for n in (1, 2, 3)]
+        blocker = await work.submit(0)  # runs last, and holds the only worker
+        for job in jobs:
+            await job.result(timeout=5)
+        await settle()
+        assert batcher.batches == []  # the worker never ran out of work
+        app.statistics()
+        assert batcher.batches == [["1", "2", "3"]]
+        release.set()
+        await blocker.result(timeout=5)
+    assert sorted(n for batch in batcher.batches for n in batch) == ["0", "1", "2", "3"]
 
 
 async def test_cancelling_a_deferred_task_ends_it_cancelled_and_it_never_runs(

@@ -10,15 +10,24 @@ import datetime
 import inspect
 import math
 import time
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from taskprocessor.brokers import Broker
 from taskprocessor.errors import ConfigurationError, PayloadError
-from taskprocessor.handles import _UNIQUE_OPTIONS
 from taskprocessor.payload import all_simple, find_unplain
 from taskprocessor.task import TaskRecord
 
-__all__ = ["PutsNowait", "check_plain", "delay_of", "keeps_unique_keys", "seconds"]
+__all__ = [
+    "UNIQUE_OPTIONS",
+    "PutsNowait",
+    "check_plain",
+    "delay_of",
+    "keeps_unique_keys",
+    "seconds",
+]
+
+UNIQUE_OPTIONS: Final = frozenset({"unique_key", "unique_for"})
+"""The options of a submit that only a broker keeping unique keys accepts."""
 
 
 @runtime_checkable
@@ -34,7 +43,7 @@ def keeps_unique_keys(broker: Broker) -> bool:
         parameters = inspect.signature(broker.enqueue).parameters
     except (TypeError, ValueError):
         return False
-    return parameters.keys() >= _UNIQUE_OPTIONS
+    return parameters.keys() >= UNIQUE_OPTIONS
 
 
 def seconds(setting: str, value: object) -> float:

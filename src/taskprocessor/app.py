@@ -399,7 +399,7 @@ class TaskProcessor:
         Checks that submits are accepted and calls the ``on_submit`` hooks, then queues
         the record at once if the broker can (the in-memory broker with room). On False
         the caller finishes with ``await processor.broker.enqueue(record, block=...)``.
-        `submit_record` does both; `Task.submit` calls this first to skip a coroutine.
+        `submit_record` does both; `Task.submit` does the same steps inline.
 
         Raises:
             ProcessorClosed: The processor is stopping or closed.

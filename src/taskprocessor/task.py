@@ -80,6 +80,10 @@ class TaskState(enum.Enum):
     EXPIRED = "expired"
     """Not started before its queue TTL passed; never ran."""
 
+    # Members are singletons compared by identity, so identity hashing is consistent with
+    # equality; Enum's own __hash__ is a Python call on every set or dict lookup.
+    __hash__ = object.__hash__
+
     @property
     def is_final(self) -> bool:
         """Whether no further transition can happen (short of a dead-letter requeue)."""
@@ -101,14 +105,15 @@ _QUEUED: Final = TaskState.QUEUED
 _NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 
 # Process-unique prefix plus a counter: unique across hosts with overwhelming
-# probability, and about ten times cheaper than uuid4() on the submit path.
-_ID_PREFIX: Final = os.urandom(6).hex()
+# probability, and about ten times cheaper than uuid4() on the submit path. The counter
+# is written in decimal: a format spec (":x") costs twice as much as plain str().
+_ID_PREFIX: Final = os.urandom(6).hex() + "-"
 _id_counter = itertools.count(1)
 
 
 def new_task_id() -> str:
     """Return a new task id, unique across processes."""
-    return f"{_ID_PREFIX}-{next(_id_counter):x}"
+    return f"{_ID_PREFIX}{next(_id_counter)}"
 
 
 @final
@@ -162,7 +167,7 @@ class TaskRecord:
         headers: dict[str, str] | None = None,
     ) -> None:
         # new_task_id() inline: a Python call less on every submit.
-        self.id = task_id if task_id is not None else f"{_ID_PREFIX}-{next(_id_counter):x}"
+        self.id = task_id if task_id is not None else f"{_ID_PREFIX}{next(_id_counter)}"
         self.name = name
         self.args = args
         self.kwargs = kwargs
@@ -251,6 +256,53 @@ class TaskRecord:
             f"<TaskRecord {self.name} id={self.id} {self.state.value} "
             f"priority={self.priority} attempt={self.attempt}>"
         )
+
+
+_new: Final = object.__new__
+
+
+def new_record(  # noqa: PLR0917 - positional: called once per submit
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    priority: int,
+    queue: str,
+    timeout: float | None,
+    ttl: float | None,
+) -> TaskRecord:
+    """``TaskRecord(name, args, kwargs, priority=..., queue=..., timeout=..., ttl=...)``.
+
+    The same record, built field by field by a plain function: calling the class costs
+    about 80 ns more (type call, then ``__init__``) on the submit path. Every field is
+    set as `TaskRecord.__init__` sets it (a test compares the two).
+    """
+    record: TaskRecord = _new(TaskRecord)
+    record.id = f"{_ID_PREFIX}{next(_id_counter)}"
+    record.name = name
+    record.args = args
+    record.kwargs = kwargs
+    record.priority = priority
+    record.queue = queue
+    record.key = None
+    record.timeout = timeout
+    record.ttl = ttl
+    record.headers = None
+    record.attempt = 0
+    record.state = _QUEUED
+    record.enqueued_at = 0.0
+    record.eta = None
+    record.expires_at = None
+    record.started_at = None
+    record.finished_at = None
+    record.result = None
+    record.error = None
+    record.dead_letter_reason = None
+    record.seq = 0
+    record.sort_key = 0.0
+    record._waiter = None
+    record._waiters = None
+    record.admission_pass = None
+    return record
 
 
 @final

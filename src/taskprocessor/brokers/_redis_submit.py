@@ -59,9 +59,7 @@ class Submitter:
         check_int("attempts", attempts, 1)
         self.task_attempts[task_name] = attempts
 
-    def item(
-        self, record: TaskRecord, unique_key: str | None, unique_for: float
-    ) -> list[Any]:
+    def item(self, record: TaskRecord, unique_key: str | None, unique_for: float) -> list[Any]:
         """Encode a submit: its item of the enqueue script (see ``lua/enqueue.lua``).
 
         Raises:

@@ -1,15 +1,16 @@
 """The attempts running on a pool's workers: start, finish and interrupt them.
 
-The pool's worker loop calls `Attempts.begin` before a handler runs and `Attempts.end`
-after it; a timeout, a cancel or a shutdown interrupts the attempt through
-`Attempts.interrupt`, which cancels the worker's task and records the reason in the
-attempt's context (see the pool's module docstring).
+The pool's worker loop calls `Attempts.begin` before a handler runs (or does its steps
+inline, for an attempt that needs no context) and ends the attempt itself; a timeout,
+a cancel or a shutdown interrupts the attempt through `Attempts.interrupt`, which
+cancels the worker's task and records the reason in the attempt's context (see the
+pool's module docstring).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Final, final
 
@@ -19,7 +20,7 @@ from taskprocessor.engine.middleware import Hooks, Outcome, hook_failed
 from taskprocessor.engine.outcomes import CANCELLED, TIMED_OUT, attempt_state
 from taskprocessor.task import TaskContext, TaskRecord
 
-__all__ = ["Attempts", "Worker", "after_run", "on_settled"]
+__all__ = ["Attempts", "Worker", "after_run", "hand_over_successes", "on_settled"]
 
 _CANCELLED, _TIMED_OUT = CANCELLED, TIMED_OUT
 _new_outcome: Final = tuple.__new__
@@ -57,19 +58,29 @@ class Worker:
 
 @final
 class Attempts:
-    """The attempts a pool's workers run, by task id, and the longest queue wait.
+    """The attempts a pool's workers run, and the longest queue wait.
+
+    An attempt is running while its worker's ``record`` is set (from `begin` to
+    `end`). No index by task id is kept: a dict insert and delete per task would cost
+    more than the scan of the workers that a cancel (rare) does instead.
 
     Args:
         registry: Task definitions by name (for a context made by an interrupt).
         clock: Time source for deadlines.
+        workers: The pool's workers, by id (read, never changed, here).
     """
 
-    __slots__ = ("_clock", "_registry", "max_queue_wait", "running")
+    __slots__ = ("_clock", "_registry", "_workers", "max_queue_wait")
 
-    def __init__(self, registry: Mapping[str, TaskDefinition], clock: Clock) -> None:
+    def __init__(
+        self,
+        registry: Mapping[str, TaskDefinition],
+        clock: Clock,
+        workers: Mapping[int, Worker],
+    ) -> None:
         self._registry = registry
         self._clock = clock
-        self.running: dict[str, Worker] = {}
+        self._workers = workers
         self.max_queue_wait = 0.0  # since the pool's last take_max_queue_wait()
 
     def begin(
@@ -96,30 +107,17 @@ class Attempts:
             or definition.takes_context
             or not definition.is_async
             or hooks.before_run
-            or hooks.after_run
+            or hooks.after_success  # a failed attempt gets one then (see context_of)
         ):
             ctx = TaskContext(record, definition.retry.max_attempts, deadline, self._clock)
         states = _before_run(hooks, record, ctx) if ctx is not None and hooks.before_run else None
         worker.ctx = ctx
         worker.record = record
-        self.running[record.id] = worker
         if deadline is not None:
             worker.timer = self._clock.call_at(
                 deadline, partial(self.interrupt, worker, _TIMED_OUT)
             )
         return states
-
-    def end(self, worker: Worker, record: TaskRecord) -> TaskContext | None:
-        """The handler returned or raised: disarm, unmark; return the context, if made."""
-        timer = worker.timer
-        if timer is not None:
-            worker.timer = None
-            timer.cancel()
-        del self.running[record.id]
-        ctx = worker.ctx  # made by an interrupt if begin did not make it
-        worker.ctx = None
-        worker.record = None
-        return ctx
 
     def take_back_interrupt(self, worker: Worker) -> bool:
         """Balance the cancel() an interrupt sent; return False if another cancel is pending."""
@@ -163,9 +161,20 @@ class Attempts:
             ctx = worker.ctx = TaskContext(record, attempts, None, self._clock)
         return ctx
 
+    def context_of(self, record: TaskRecord, definition: TaskDefinition) -> TaskContext:
+        """A context for an attempt begun without one (no deadline), for after_run hooks."""
+        return TaskContext(record, definition.retry.max_attempts, None, self._clock)
+
+    def _running(self, task_id: str) -> Worker | None:
+        for worker in self._workers.values():
+            record = worker.record
+            if record is not None and record.id == task_id:
+                return worker
+        return None
+
     def cancel(self, task_id: str) -> bool:
         """Interrupt the attempt of ``task_id`` as cancelled; False if no worker runs it."""
-        worker = self.running.get(task_id)
+        worker = self._running(task_id)
         if worker is not None:
             ctx = self.context(worker)
             if ctx is not None and worker.interrupt not in (None, _CANCELLED):
@@ -180,7 +189,7 @@ class Attempts:
     def by_task(self) -> dict[str, int]:
         """Attempts running now, by task name."""
         counts: dict[str, int] = {}
-        for worker in self.running.values():
+        for worker in self._workers.values():
             if worker.record is not None:
                 name = worker.record.name
                 counts[name] = counts.get(name, 0) + 1
@@ -199,7 +208,7 @@ def _before_run(hooks: Hooks, record: TaskRecord, ctx: TaskContext) -> list[Any]
 
 
 def after_run(
-    hooks: Hooks,
+    hooks: tuple[tuple[int, Callable[..., Any]], ...],
     record: TaskRecord,
     ctx: TaskContext,
     states: list[Any] | None,
@@ -208,22 +217,35 @@ def after_run(
     started: float,
     finished: float,
 ) -> None:
-    """Call the after_run hooks (already in reverse order) with the attempt's `Outcome`."""
+    """Call after_run hooks (`Hooks.after_run`, in reverse order) with the `Outcome`."""
     # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level call.
     outcome = _new_outcome(
         Outcome, (attempt_state(ctx.cancel_reason, error), error, started, finished)
     )
-    for i, after in hooks.after_run:
+    for i, after in hooks:
         try:
             after(record, ctx, outcome, None if states is None else states[i])
         except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
             hook_failed(after)
 
 
-def on_settled(hooks: Hooks, record: TaskRecord) -> None:
-    """Call the on_settled hooks of a settled task."""
-    for hook in hooks.on_settled:
+def on_settled(hooks: tuple[Callable[..., Any], ...], record: TaskRecord) -> None:
+    """Call on_settled hooks (`Hooks.on_settled` or `Hooks.settled_success`) of a task."""
+    for hook in hooks:
         try:
             hook(record)
+        except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+            hook_failed(hook)
+
+
+def hand_over_successes(hooks: Hooks) -> None:
+    """Hand the successes waiting in ``hooks.pending`` to the `Hooks.successes` hooks."""
+    records, ended = hooks.pending, hooks.pending_ends
+    if not records:
+        return
+    hooks.pending, hooks.pending_ends = [], []
+    for hook in hooks.successes:
+        try:
+            hook(records, ended)
         except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
             hook_failed(hook)

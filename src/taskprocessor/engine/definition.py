@@ -140,14 +140,21 @@ class TaskDefinition:
         middleware: Middleware of this task type (the processor's come first).
         hooks: The resolved observer hooks of ``middleware``.
         admitters: The admission stages among ``middleware``, in order.
+        arities: Positional argument counts known to bind without keywords (a cache
+            of `bind`, read inline by ``Task.submit``).
+        bare: Whether an attempt needs no `TaskContext` of its own when it succeeds: a
+            coroutine function without a ``ctx`` parameter, no before_run hooks, and no
+            after_run hooks but of middleware that take successes in batches (the
+            worker's fast path, for tasks without a timeout).
         gated: Whether a reserved task must pass admission stages or a concurrency
             limit before it starts (the worker's fast path skips both when not).
     """
 
     __slots__ = (
-        "_arities",
         "_shapes",
         "admitters",
+        "arities",
+        "bare",
         "concurrency",
         "cpu_bound",
         "distributed",
@@ -225,7 +232,8 @@ class TaskDefinition:
         # Argument shapes (positional count, keyword names) that bind() accepted: whether a
         # call binds depends on nothing else, so a known shape skips Signature.bind (~3 us).
         self._shapes: set[tuple[int, frozenset[str]]] = set()
-        self._arities: set[int] = set()  # positional counts among _shapes with no keywords
+        # Positional counts among _shapes with no keywords; Task.submit checks it inline.
+        self.arities: set[int] = set()
         self.priority = validate_priority(priority)
         self.timeout = check_timeout("timeout", timeout)
         self.ttl = check_timeout("ttl", ttl)
@@ -278,7 +286,7 @@ class TaskDefinition:
         )
         self.hooks = Hooks(self.middleware)
         self.admitters = self.hooks.admitters()
-        self.gated = self._gated()
+        self.gated, self.bare = self._gated(), self._bare()
 
     def distribute(self, enforced: bool) -> None:
         """Say whether the broker enforces this type's ``scope="global"`` limits.
@@ -314,16 +322,25 @@ class TaskDefinition:
                 active.append(middleware)
         self.hooks = Hooks(active)
         self.admitters = self.hooks.admitters()
-        self.gated = self._gated()
+        self.gated, self.bare = self._gated(), self._bare()
 
     def _gated(self) -> bool:
         return bool(self.admitters) or (
             self.concurrency is not None or self.key_concurrency is not None
         )
 
+    def _bare(self) -> bool:
+        hooks = self.hooks
+        return (
+            self.is_async
+            and not self.takes_context
+            and not hooks.before_run
+            and not hooks.after_success
+        )
+
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Check that the handler accepts these arguments, or raise `TypeError` naming the task."""
-        if not kwargs and len(args) in self._arities:
+        if not kwargs and len(args) in self.arities:
             return  # the common call shape, without building a frozenset
         shape = (len(args), frozenset(kwargs))
         if shape in self._shapes:
@@ -335,7 +352,7 @@ class TaskDefinition:
         if len(self._shapes) < 64:  # bounded: keyword sets come from the caller
             self._shapes.add(shape)
             if not kwargs:
-                self._arities.add(len(args))
+                self.arities.add(len(args))
 
     def key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """Return the concurrency key of a submission, from the key function if any."""

@@ -13,6 +13,10 @@ One base class serves two kinds of extension (dramatiq's middleware is the model
 Override only the hooks you need: the pool calls a hook only on the middleware whose
 class overrides it, so an unused hook costs nothing. Stages run in order; ``after_run``
 hooks run in reverse. A hook that raises is logged and skipped; it never breaks a task.
+
+An observer that only counts (metrics) may take successes in batches instead
+(`Middleware.on_successes`): the worker then makes no `TaskContext` or `Outcome` and
+calls no hook of it per successful task, which is most of what observing one costs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, final
 
 from taskprocessor.errors import ConfigurationError
 from taskprocessor.task import TaskState
@@ -29,7 +33,10 @@ if TYPE_CHECKING:
     from taskprocessor.engine.definition import TaskDefinition
     from taskprocessor.task import TaskContext, TaskRecord
 
-__all__ = ["Defer", "Hooks", "Middleware", "Outcome", "hook_failed"]
+__all__ = ["SUCCESS_BATCH", "Defer", "Hooks", "Middleware", "Outcome", "hook_failed"]
+
+SUCCESS_BATCH: Final = 64
+"""Successes a task type's `Middleware.on_successes` hooks receive at most per call."""
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +136,21 @@ class Middleware:
     def on_settled(self, record: TaskRecord) -> None:
         """Called once a task reached its final state (``record.state``) in this process."""
 
+    def on_successes(self, records: Sequence[TaskRecord], ended: Sequence[float]) -> None:
+        """Called with tasks that succeeded, in batches, instead of two hooks per task.
+
+        A middleware that overrides this gets no `after_run` and no `on_settled` call
+        for an attempt that succeeds: the task is handed over here instead, with
+        ``started_at`` (the successful attempt's start) and ``enqueued_at`` (when it
+        became ready); ``ended[i]`` is the clock time at which the handler of
+        ``records[i]`` returned (what `Outcome.finished_at` would say). Its other
+        attempts (failed, timed out, cancelled) and other final states still reach
+        `after_run` and `on_settled`. A batch holds at most `SUCCESS_BATCH` tasks and
+        is handed over at the latest when a worker runs out of work, or when the
+        pool's ``statistics()`` is taken (a scrape of gauges takes it). The records
+        are the tasks' own: read them, do not keep them.
+        """
+
     def on_dead_letter(self, record: TaskRecord, reason: str) -> None:
         """Called when a task is put in the dead-letter store."""
 
@@ -158,6 +180,7 @@ class Hooks:
 
     __slots__ = (
         "after_run",
+        "after_success",
         "before_run",
         "middleware",
         "on_dead_letter",
@@ -165,6 +188,10 @@ class Hooks:
         "on_retry",
         "on_settled",
         "on_submit",
+        "pending",
+        "pending_ends",
+        "settled_success",
+        "successes",
     )
 
     def __init__(self, middleware: Sequence[object] = ()) -> None:
@@ -194,6 +221,22 @@ class Hooks:
         self.on_defer = resolve("on_defer")
         self.on_settled = resolve("on_settled")
         self.on_dead_letter = resolve("on_dead_letter")
+        # For a successful attempt: the batches of the middleware that take them
+        # (on_successes), and the after_run and on_settled hooks of the others.
+        self.successes = resolve("on_successes")
+        batched = {id(m) for m in self.middleware if _overrides(m, "on_successes")}
+        self.after_success = tuple(
+            (i, hook) for i, hook in self.after_run if id(self.middleware[i]) not in batched
+        )
+        self.settled_success = tuple(
+            m.on_settled
+            for m in self.middleware
+            if _overrides(m, "on_settled") and id(m) not in batched
+        )
+        # Successes waiting to be handed to `successes`, and when each handler returned
+        # (the worker pool fills and flushes them).
+        self.pending: list[TaskRecord] = []
+        self.pending_ends: list[float] = []
 
     def admitters(self) -> tuple[Middleware, ...]:
         """The middleware that override `Middleware.admit`, in order."""

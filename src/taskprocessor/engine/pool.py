@@ -20,17 +20,24 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from functools import partial
+from time import monotonic as _monotonic
 from types import TracebackType
 from typing import Any, Final, Protocol, final, runtime_checkable
 
 from taskprocessor.brokers.base import Broker
-from taskprocessor.clock import Clock, clock_timeout
-from taskprocessor.engine.attempts import Attempts, Worker, after_run, on_settled
+from taskprocessor.clock import Clock, LoopClock, clock_timeout
+from taskprocessor.engine.attempts import (
+    Attempts,
+    Worker,
+    after_run,
+    hand_over_successes,
+    on_settled,
+)
 from taskprocessor.engine.definition import TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
 from taskprocessor.engine.gate import Gate
-from taskprocessor.engine.middleware import Hooks
+from taskprocessor.engine.middleware import SUCCESS_BATCH, Hooks
 from taskprocessor.engine.outcomes import (
     CANCELLED,
     SHUT_DOWN,
@@ -182,8 +189,10 @@ class WorkerPool:
         self._tg: asyncio.TaskGroup | None = None
         self._ids = itertools.count(1)
         self._workers: dict[int, Worker] = {}
-        self._busy = 0
-        self._attempts = Attempts(registry, clock)
+        self._succeeded = 0  # successes the worker loop acked itself (see statistics)
+        # Hooks with successes waiting for their on_successes batch (see flush_successes).
+        self._pending: list[Hooks] = []
+        self._attempts = Attempts(registry, clock, self._workers)
         self._watching = 0  # how many drains (join, shutdown) wait on transitions
         self._changed = asyncio.Event()
         self._all_exited = asyncio.Event()
@@ -334,6 +343,7 @@ class WorkerPool:
             elif not worker.busy and worker.task is not None:
                 worker.task.cancel()
         await self._wait_exited()
+        self.flush_successes()
         handed_back = 0
         for record in self._gate.take_parked():
             await self._broker.release(record)
@@ -367,7 +377,7 @@ class WorkerPool:
         try:
             async with clock_timeout(self._clock, grace):
                 while True:
-                    idle = not self._busy and (durable or not self._gate.admission.parked)
+                    idle = not self.busy and (durable or not self._gate.admission.parked)
                     if idle and (durable or not sum(await self._broker.depth())):
                         return True
                     self._changed.clear()
@@ -410,8 +420,11 @@ class WorkerPool:
         broker = self._broker
         registry = self._registry
         clock = self._clock
+        # LoopClock.now is time.monotonic behind a method call: read it directly.
+        now_of: Callable[[], float] = _monotonic if type(clock) is LoopClock else clock.now
         durable = broker.durable
         get_nowait = self._get_nowait
+        ack_nowait = self._ack_nowait
         attempts = self._attempts
         try:
             while not worker.retiring:
@@ -419,6 +432,8 @@ class WorkerPool:
                 # reserve() only to wait (or for a broker that must always await).
                 record = None if get_nowait is None else get_nowait()
                 if record is None:
+                    if self._pending:
+                        self.flush_successes()  # out of work: hand over the batches
                     try:
                         record = await broker.reserve()
                     except ProcessorClosed:
@@ -429,29 +444,39 @@ class WorkerPool:
                         )
                         await clock.sleep(_BROKER_BACKOFF)
                         continue
+                # No drain needs to hear of a worker turning busy (see _drain): only
+                # of one turning idle, at the end of the task.
                 worker.busy = True
-                self._busy += 1
-                if self._watching:
-                    self._changed.set()
                 try:
                     definition = registry.get(record.name)
-                    gated = definition is None or durable or definition.gated
-                    if gated:
+                    if definition is None or durable or definition.gated:
+                        gated = True
                         definition = await self._gate.admit(record, definition)
                         if definition is None:
                             continue  # settled, deferred or parked
-                    assert definition is not None  # noqa: S101 - narrowed for mypy
+                    else:
+                        gated = False
                     hooks = definition.hooks
                     try:
-                        now = clock.now()
+                        now = now_of()
                         if (
-                            record.attempt == 0
-                            and record.expires_at is not None
+                            record.expires_at is not None
+                            and record.attempt == 0
                             and now >= record.expires_at
                         ):
                             await self._expired(record, hooks)
                             continue
-                        states = attempts.begin(worker, record, definition, hooks, now)
+                        if definition.bare and record.timeout is None:
+                            # Attempts.begin for an attempt that needs no context (no
+                            # deadline, no hooks around the run), inline.
+                            record.attempt += 1
+                            record.started_at = now
+                            if now - record.enqueued_at > attempts.max_queue_wait:  # noqa: PLR1730
+                                attempts.max_queue_wait = now - record.enqueued_at
+                            worker.record = record
+                            states = None
+                        else:
+                            states = attempts.begin(worker, record, definition, hooks, now)
                         # Run the handler (under its deadline, armed by begin).
                         result: Any = None
                         error: Exception | None = None
@@ -477,24 +502,59 @@ class WorkerPool:
                             if worker.interrupt is not None:
                                 attempts.take_back_interrupt(worker)
                         finally:
-                            ctx = attempts.end(worker, record)
+                            # The attempt ends: disarm, unmark, take the context.
+                            if worker.timer is not None:
+                                worker.timer.cancel()
+                                worker.timer = None
+                            ctx = worker.ctx  # made by an interrupt if begin did not
+                            if ctx is not None:
+                                worker.ctx = None
+                            worker.record = None
                         reason = None if ctx is None else ctx._reason
-                        if ctx is not None and hooks.after_run:
-                            after_run(
-                                hooks, record, ctx, states, error, started=now, finished=clock.now()
-                            )
                         if reason is not None or error is not None:
+                            if hooks.after_run:
+                                if ctx is None:  # a bare attempt that failed
+                                    ctx = attempts.context_of(record, definition)
+                                after_run(
+                                    hooks.after_run,
+                                    record,
+                                    ctx,
+                                    states,
+                                    error,
+                                    started=now,
+                                    finished=now_of(),
+                                )
                             await self._settler.settle(
                                 record, definition, hooks, reason=reason, result=result, error=error
                             )
-                        else:  # a success: Settler.ack's steps, inline (see the docstring)
-                            self._counts["succeeded"] += 1
-                            if self._ack_nowait is not None:
-                                self._ack_nowait(record, _SUCCEEDED, result)
-                            else:
-                                await broker.ack(record, _SUCCEEDED, result=result)
-                            if hooks.on_settled:
-                                on_settled(hooks, record)
+                            continue
+                        # A success: Settler.ack's steps, inline (see the docstring).
+                        if ctx is not None and hooks.after_success:
+                            after_run(
+                                hooks.after_success,
+                                record,
+                                ctx,
+                                states,
+                                None,
+                                started=now,
+                                finished=now_of(),
+                            )
+                        ended = now_of() if hooks.successes else 0.0
+                        self._succeeded += 1
+                        if ack_nowait is not None:
+                            ack_nowait(record, _SUCCEEDED, result)
+                        else:
+                            await broker.ack(record, _SUCCEEDED, result=result)
+                        if hooks.settled_success:
+                            on_settled(hooks.settled_success, record)
+                        if hooks.successes:
+                            pending = hooks.pending
+                            if not pending:
+                                self._pending.append(hooks)
+                            pending.append(record)
+                            hooks.pending_ends.append(ended)
+                            if len(pending) >= SUCCESS_BATCH:
+                                self.flush_successes()
                     except (asyncio.CancelledError, BrokerError):
                         raise  # a broker that could not record the outcome: see below
                     except Exception:  # noqa: BLE001 - _internal_error logs it with its traceback
@@ -514,11 +574,16 @@ class WorkerPool:
                         raise asyncio.CancelledError from exc
                 finally:
                     worker.busy = False
-                    self._busy -= 1
                     if self._watching:
                         self._changed.set()
         finally:
             self._forget(worker)
+
+    def flush_successes(self) -> None:
+        """Hand every batch of successes to its `Middleware.on_successes` hooks now."""
+        pending, self._pending = self._pending, []
+        for hooks in pending:
+            hand_over_successes(hooks)
 
     def _forget(self, worker: Worker, _task: object = None) -> None:
         if self._workers.pop(worker.id, None) is not None and not self._workers:
@@ -572,7 +637,8 @@ class WorkerPool:
     @property
     def busy(self) -> int:
         """Workers running a task."""
-        return self._busy
+        # Counted when asked rather than kept up to date: two updates per task saved.
+        return sum(1 for w in self._workers.values() if w.busy)
 
     def take_max_queue_wait(self) -> float:
         """Return the longest queue wait of a task started since the last call, and reset it."""
@@ -586,20 +652,23 @@ class WorkerPool:
 
     def statistics(self) -> PoolStatistics:
         """Return a snapshot of workers and outcome counts."""
+        self.flush_successes()  # what a scrape reads is up to date
         retiring = sum(1 for w in self._workers.values() if w.retiring)
+        counts = self._counts.copy()
+        counts["succeeded"] += self._succeeded
         return PoolStatistics(
             workers=len(self._workers) - retiring,
-            busy=self._busy,
+            busy=self.busy,
             retiring=retiring,
             parked=self._gate.parked,
             threads_abandoned=self._executors.abandoned,
             running_by_task=self._attempts.by_task(),
-            **self._counts,
+            **counts,
         )
 
     def __repr__(self) -> str:
         return (
-            f"<WorkerPool {self._state.value} workers={self.size} busy={self._busy} "
+            f"<WorkerPool {self._state.value} workers={self.size} busy={self.busy} "
             f"parked={self._gate.parked}>"
         )
 
