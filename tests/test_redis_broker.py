@@ -679,6 +679,69 @@ async def test_acks_of_one_round_trip_run_as_one_call_each_with_its_own_outcome(
         assert stale_record.result == "current"
 
 
+async def test_ack_soon_records_a_success_through_its_future() -> None:
+    """ack_soon is ack without a coroutine: the future ends when Redis recorded it."""
+    harness = RedisHarness(require_redis(), lease=0.2)
+    async with harness.open_redis() as producer, harness.open_redis() as worker:
+        records = [make(harness.queue, f"t{i}") for i in range(3)]
+        await producer.enqueue_many(records)
+        got = await asyncio.wait_for(asyncio.gather(*(worker.reserve() for _ in records)), BOUND)
+        with pytest.raises(ValueError, match="not reserved"):
+            worker.ack_soon(records[0], "not the worker's record")  # at once, not later
+        futures = [worker.ack_soon(r, r.name) for r in got]
+        assert not any(f.done() for f in futures)  # on their way
+        await asyncio.wait_for(asyncio.gather(*futures), BOUND)
+        assert [r.state for r in got] == [TaskState.SUCCEEDED] * 3  # the worker's records
+        assert [await finished(r) for r in records] == [TaskState.SUCCEEDED] * 3
+        assert [r.result for r in records] == ["t0", "t1", "t2"]
+        stale_record = make(harness.queue)
+        await producer.enqueue(stale_record)
+        stale = await reserve(worker)
+        await producer.recover(after=1.0)  # taken back: the late success is refused
+        retaken = await reserve(producer)
+        await asyncio.wait_for(worker.ack_soon(stale, "late"), BOUND)
+        assert worker.refused == 1
+        await producer.ack(retaken, TaskState.SUCCEEDED, result="current")
+        assert await finished(stale_record) is TaskState.SUCCEEDED
+        assert stale_record.result == "current"
+
+
+async def test_join_and_shutdown_wait_for_successes_still_being_recorded() -> None:
+    """The pool records successes in the background; join() and shutdown wait for them."""
+    queue = new_queue()
+    try:
+        app = TaskProcessor(broker=RedisBroker(queues=(queue,)))
+        release = asyncio.Event()
+        running: list[int] = []
+
+        @app.task(name="noop", queue=queue)
+        async def noop(i: int) -> int:
+            return i
+
+        @app.task(name="held", queue=queue)
+        async def held(i: int) -> int:
+            running.append(i)
+            await release.wait()
+            return i
+
+        keys = QueueKeys.of(queue)
+        async with app.run(workers=8):
+            handles = await noop.submit_many([(i,) for i in range(200)])
+            await app.join()
+            with sync_client() as client:  # no waiting: recorded by the time join returns
+                assert client.hget(f"{keys.prefix}stats", "finished") == b"200"
+            last = await held.submit_many([(i,) for i in range(8)])
+            await eventually(lambda: len(running) == 8, "every held task running")
+            release.set()  # they end as the shutdown begins: their acks are still to land
+        with sync_client() as client:
+            assert client.hget(f"{keys.prefix}stats", "finished") == b"208"
+            states = {client.hget(keys.task(h.id), "state") for h in last}
+        assert states == {b"succeeded"}
+        assert [await h.result(timeout=BOUND) for h in handles] == list(range(200))
+    finally:
+        delete_queue(queue)
+
+
 async def test_retry_and_release_after_losing_the_lease_change_nothing() -> None:
     """A worker whose lease was taken back cannot retry or release the task either."""
     harness = RedisHarness(require_redis(), lease=0.2)

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, final
 
@@ -47,6 +48,7 @@ __all__ = ["Consumer"]
 logger = logging.getLogger("taskprocessor.brokers.redis")
 
 _RUNNING: Final = TaskState.RUNNING
+_SUCCEEDED: Final = TaskState.SUCCEEDED
 _RECOVER_LIMIT: Final = 1000  # expired leases taken back per recover call and queue
 _UNBOUNDED: Final = 2**62  # a size limit that is no limit (reading what is already stored)
 
@@ -69,6 +71,7 @@ class Consumer:
         self._waiting = waiting
         self._leases = leases
         self._limits = global_limits
+        self._retrying: set[asyncio.Task[None]] = set()  # acks retried while Redis is away
         self.refused = 0
         """Acks, releases and retries refused because their lease had been taken back."""
 
@@ -195,7 +198,71 @@ class Consumer:
         dead_letter: str | None = None,
     ) -> None:
         """Record a reserved task's final state (see `RedisBroker.ack`)."""
-        shared, settings = self._shared, self._shared.settings
+        ending = self._ending(record, state, result, error, dead_letter)
+        reply = await self._settle_lease(ending.lease, ending.what, ending.call)
+        self._ended(ending, reply)
+
+    def ack_soon(self, record: TaskRecord, result: Any) -> asyncio.Future[None]:
+        """Record a success; return the future of it being recorded (see `RedisBroker`).
+
+        The same as `ack`, without a coroutine: the call joins the next round trip at
+        once, and only a call that finds Redis away goes on as a task of its own (which
+        retries it, as `ack` does).
+
+        Raises:
+            ValueError: ``record`` is not reserved here.
+        """
+        ending = self._ending(record, _SUCCEEDED, result, None, None)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ending.call().add_done_callback(partial(self._landed, ending, done))
+        return done
+
+    def _landed(
+        self, ending: _Ending, done: asyncio.Future[None], sent: asyncio.Future[Any]
+    ) -> None:
+        if sent.cancelled():  # only when the loop closes under it
+            self._leases.restore(ending.lease)
+            done.cancel()
+            return
+        error = sent.exception()
+        if error is None:
+            try:
+                self._ended(ending, sent.result())
+            except Exception as exc:  # noqa: BLE001 - a reply not understood: the caller's
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+        elif isinstance(error, BrokerUnavailable):  # Redis away: retried as ack would
+            task = asyncio.get_running_loop().create_task(self._end_patiently(ending, done))
+            self._retrying.add(task)
+            task.add_done_callback(self._retrying.discard)
+        else:
+            self._leases.restore(ending.lease)
+            done.set_exception(error)
+
+    async def _end_patiently(self, ending: _Ending, done: asyncio.Future[None]) -> None:
+        try:
+            reply = await self._settle_lease(ending.lease, ending.what, ending.call)
+            self._ended(ending, reply)
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not done.done():
+                done.set_result(None)
+
+    def _ending(
+        self,
+        record: TaskRecord,
+        state: TaskState,
+        result: Any,
+        error: BaseException | None,
+        dead_letter: str | None,
+    ) -> _Ending:
+        """Take the lease of a task that ends, and encode its outcome and the ack's call."""
+        settings = self._shared.settings
         lease = self._leases.take(record)
         try:
             data = encode_outcome(
@@ -219,33 +286,34 @@ class Consumer:
                 limit=_UNBOUNDED,
             )
         keys = lease.keys
-        reply = await self._settle_lease(
-            lease,
-            f"recorded as {state.value}",
-            partial(
-                shared.store.call_merged,
-                "ack",
-                [keys.leases],
-                [keys.prefix, settings.result_ttl_ms, settings.max_dead_letters],
-                [record.id, str(lease.token), state.value, data.decode(), dead_letter or ""],
-            ),
+        call = partial(
+            self._shared.store.call_merged,
+            "ack",
+            [keys.leases],
+            [keys.prefix, settings.result_ttl_ms, settings.max_dead_letters],
+            [record.id, str(lease.token), state.value, data.decode(), dead_letter or ""],
         )
+        return _Ending(lease, state, result, error, dead_letter, data, call)
+
+    def _ended(self, ending: _Ending, reply: Any) -> None:
+        """Apply the ack script's reply: the record ends, or the refusal is logged."""
+        record, state, settings = ending.lease.record, ending.state, self._shared.settings
         if int(reply[0]) == 0:
-            self._refuse(record, f"recorded as {state.value}", reply[1])
+            self._refuse(record, ending.what, reply[1])
             return
         for dropped in reply[1:] if int(reply[0]) == 1 else ():  # 2: a repeated ack
             logger.warning(
                 "the dead letters of queue %r passed their bound of %d: dropped %s",
-                keys.queue,
+                ending.lease.keys.queue,
                 settings.max_dead_letters,
                 dropped.decode(),
             )
-        record.state, record.result, record.error = state, result, error
-        record.dead_letter_reason = dead_letter
-        record.finished_at = shared.clock.now()
+        record.state, record.result, record.error = state, ending.result, ending.error
+        record.dead_letter_reason = ending.dead_letter
+        record.finished_at = self._shared.clock.now()
         record.settle()
         if record.id in self._waiting:
-            self._waiting.settle(decode_outcome(data))  # as the reply channel will say
+            self._waiting.settle(decode_outcome(ending.data))  # as the reply channel will say
 
     async def retry(self, record: TaskRecord, eta: float) -> None:
         """Schedule a reserved task's next attempt at clock time ``eta``, behind its equals."""
@@ -357,3 +425,22 @@ class Consumer:
         if requeued:
             shared.nudge()
         return requeued, dead, cancelled
+
+
+@final
+@dataclass(slots=True)
+class _Ending:
+    """An ack under way: the lease it ends, the outcome, and its script call."""
+
+    lease: Lease
+    state: TaskState
+    result: Any
+    error: BaseException | None
+    dead_letter: str | None
+    data: bytes
+    call: Callable[[], asyncio.Future[Any]]
+
+    @property
+    def what(self) -> str:
+        """What the ack does, for messages."""
+        return f"recorded as {self.state.value}"

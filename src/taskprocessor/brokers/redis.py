@@ -385,6 +385,19 @@ class RedisBroker:
         """
         await self._consumer.ack(record, state, result=result, error=error, dead_letter=dead_letter)
 
+    def ack_soon(self, record: TaskRecord, result: Any = None) -> asyncio.Future[None]:
+        """Record a success like `ack`, without a coroutine; return the future of it.
+
+        The worker pool uses this so that a worker takes its next task while the ack
+        is on its way: the ack joins the next round trip, and the claim for the next
+        task goes out beside it instead of after it. The future ends as `ack` would
+        return or raise.
+
+        Raises:
+            ValueError: ``record`` is not reserved through this broker (at once).
+        """
+        return self._consumer.ack_soon(record, result)
+
     async def retry(self, record: TaskRecord, eta: float) -> None:
         """Schedule a reserved task's next attempt at clock time ``eta``, behind its equals."""
         await self._consumer.retry(record, eta)

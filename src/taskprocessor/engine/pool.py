@@ -148,6 +148,13 @@ class _InProcessBroker(Protocol):
     ) -> None: ...
 
 
+@runtime_checkable
+class _AcksInBackground(Protocol):
+    """A durable broker that can record a success while the worker goes on (Redis)."""
+
+    def ack_soon(self, record: TaskRecord, result: Any = None) -> asyncio.Future[None]: ...
+
+
 @final
 class WorkerPool:
     """A resizable pool of worker coroutines serving one broker.
@@ -225,6 +232,12 @@ class WorkerPool:
         if isinstance(broker, _InProcessBroker):
             self._get_nowait = broker.get_nowait
             self._ack_nowait = broker.ack_nowait
+        # A success is recorded in the background where the broker can (see _acked):
+        # the worker takes its next task while the ack is on its way.
+        self._ack_soon: Callable[[TaskRecord, Any], asyncio.Future[None]] | None = None
+        if isinstance(broker, _AcksInBackground):
+            self._ack_soon = broker.ack_soon
+        self._acks: set[asyncio.Future[None]] = set()
         broker.on_cancel_running(self._on_cancel_running)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -343,6 +356,8 @@ class WorkerPool:
             elif not worker.busy and worker.task is not None:
                 worker.task.cancel()
         await self._wait_exited()
+        if self._acks:  # successes still on their way to the broker
+            await asyncio.wait(self._acks)
         self.flush_successes()
         handed_back = 0
         for record in self._gate.take_parked():
@@ -377,7 +392,11 @@ class WorkerPool:
         try:
             async with clock_timeout(self._clock, grace):
                 while True:
-                    idle = not self.busy and (durable or not self._gate.admission.parked)
+                    idle = (
+                        not self.busy
+                        and not self._acks
+                        and (durable or not self._gate.admission.parked)
+                    )
                     if idle and (durable or not sum(await self._broker.depth())):
                         return True
                     self._changed.clear()
@@ -425,6 +444,7 @@ class WorkerPool:
         durable = broker.durable
         get_nowait = self._get_nowait
         ack_nowait = self._ack_nowait
+        ack_soon = self._ack_soon
         attempts = self._attempts
         try:
             while not worker.retiring:
@@ -543,18 +563,14 @@ class WorkerPool:
                         self._succeeded += 1
                         if ack_nowait is not None:
                             ack_nowait(record, _SUCCEEDED, result)
+                        elif ack_soon is not None:
+                            acked = ack_soon(record, result)
+                            self._acks.add(acked)
+                            acked.add_done_callback(partial(self._acked, record, hooks, ended))
+                            continue
                         else:
                             await broker.ack(record, _SUCCEEDED, result=result)
-                        if hooks.settled_success:
-                            on_settled(hooks.settled_success, record)
-                        if hooks.successes:
-                            pending = hooks.pending
-                            if not pending:
-                                self._pending.append(hooks)
-                            pending.append(record)
-                            hooks.pending_ends.append(ended)
-                            if len(pending) >= SUCCESS_BATCH:
-                                self.flush_successes()
+                        self._settled(record, hooks, ended)
                     except (asyncio.CancelledError, BrokerError):
                         raise  # a broker that could not record the outcome: see below
                     except Exception:  # noqa: BLE001 - _internal_error logs it with its traceback
@@ -578,6 +594,34 @@ class WorkerPool:
                         self._changed.set()
         finally:
             self._forget(worker)
+
+    def _settled(self, record: TaskRecord, hooks: Hooks, ended: float) -> None:
+        """A success is recorded: its hooks (now, or in the next batch of successes)."""
+        if hooks.settled_success:
+            on_settled(hooks.settled_success, record)
+        if hooks.successes:
+            pending = hooks.pending
+            if not pending:
+                self._pending.append(hooks)
+            pending.append(record)
+            hooks.pending_ends.append(ended)
+            if len(pending) >= SUCCESS_BATCH:
+                self.flush_successes()
+
+    def _acked(
+        self, record: TaskRecord, hooks: Hooks, ended: float, acked: asyncio.Future[None]
+    ) -> None:
+        """A success recorded in the background (see `_AcksInBackground`) landed."""
+        self._acks.discard(acked)
+        if self._watching:
+            self._changed.set()
+        error = None if acked.cancelled() else acked.exception()
+        if error is not None or acked.cancelled():
+            # As when the worker awaits the ack (see _work): the task's lease runs out
+            # and a durable broker's recovery runs it again.
+            logger.error("could not settle task %s: %s", record.id, error)
+            return
+        self._settled(record, hooks, ended)
 
     def flush_successes(self) -> None:
         """Hand every batch of successes to its `Middleware.on_successes` hooks now."""
