@@ -31,8 +31,7 @@ from taskprocessor.testing import FakeClock
 NOT_REEXPORTED = frozenset(
     {
         "Timer",  # taskprocessor.clock: the return type of Clock.call_at
-        "PoolState",  # taskprocessor.engine.pool: lifecycle of the internal WorkerPool
-        "WorkerPool",  # taskprocessor.engine.pool: driven by TaskProcessor.run()
+        "PoolState",  # taskprocessor.engine.lifecycle: lifecycle of the internal WorkerPool
         "run_autoscaler",  # taskprocessor.engine.autoscaler: started by TaskProcessor.run()
         "new_task_id",  # taskprocessor.task: ids are made by submit()
         "validate_priority",  # taskprocessor.task: applied by submit() and @app.task

@@ -11,8 +11,8 @@ from taskprocessor.brokers import Broker, BrokerStatistics, MemoryBroker
 from taskprocessor.clock import Clock, LoopClock, clock_timeout
 from taskprocessor.engine.autoscaler import Autoscale
 from taskprocessor.engine.failures import Action, Decision, Failure
+from taskprocessor.engine.lifecycle import PoolStatistics, ShutdownReport
 from taskprocessor.engine.middleware import Defer, Middleware, Outcome
-from taskprocessor.engine.pool import PoolStatistics, ShutdownReport
 from taskprocessor.errors import (
     BrokerError,
     BrokerUnavailable,

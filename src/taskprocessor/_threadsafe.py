@@ -25,7 +25,7 @@ from concurrent.futures._base import (
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
-from taskprocessor.engine.pool import PoolState
+from taskprocessor.engine.lifecycle import PoolState
 from taskprocessor.errors import ProcessorClosed
 from taskprocessor.handles import _OPTIONS, JobHandle, R, Task
 from taskprocessor.task import TaskRecord

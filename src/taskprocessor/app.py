@@ -25,14 +25,14 @@ from taskprocessor.engine.autoscaler import Autoscale, run_autoscaler
 from taskprocessor.engine.definition import KeyFunction, TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
-from taskprocessor.engine.middleware import Hooks, Middleware, hook_failed
-from taskprocessor.engine.pool import (
+from taskprocessor.engine.lifecycle import (
     PoolState,
     PoolStatistics,
     ShutdownReport,
-    WorkerPool,
     check_workers,
 )
+from taskprocessor.engine.middleware import Hooks, Middleware, hook_failed
+from taskprocessor.engine.pool import WorkerPool
 from taskprocessor.engine.stages import AdaptiveStage, BreakerStage
 from taskprocessor.errors import (
     ConfigurationError,

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar, final,
 from taskprocessor._submit_checks import UNIQUE_OPTIONS, check_plain
 from taskprocessor.clock import clock_timeout
 from taskprocessor.engine.definition import SUBMIT_OPTIONS, TaskDefinition
+from taskprocessor.engine.lifecycle import PoolState
 from taskprocessor.engine.middleware import hook_failed
-from taskprocessor.engine.pool import PoolState
 from taskprocessor.errors import ConfigurationError, ResultTimeout
 from taskprocessor.task import FINAL_STATES, TaskRecord, TaskState, new_record
 

@@ -41,7 +41,7 @@ from taskprocessor.app import TaskProcessor
 from taskprocessor.brokers import Broker, open_broker
 from taskprocessor.config import LOOPS
 from taskprocessor.engine.autoscaler import Autoscale
-from taskprocessor.engine.pool import ShutdownReport
+from taskprocessor.engine.lifecycle import ShutdownReport
 from taskprocessor.errors import ConfigurationError
 
 __all__ = [

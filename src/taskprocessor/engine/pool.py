@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
 from functools import partial
 from time import monotonic as _monotonic
 from types import TracebackType
@@ -37,6 +35,12 @@ from taskprocessor.engine.definition import TaskDefinition
 from taskprocessor.engine.executors import Executors
 from taskprocessor.engine.failures import ErrorHandler
 from taskprocessor.engine.gate import Gate
+from taskprocessor.engine.lifecycle import (
+    PoolState,
+    PoolStatistics,
+    ShutdownReport,
+    check_workers,
+)
 from taskprocessor.engine.middleware import SUCCESS_BATCH, Hooks
 from taskprocessor.engine.outcomes import (
     CANCELLED,
@@ -46,13 +50,12 @@ from taskprocessor.engine.outcomes import (
 )
 from taskprocessor.errors import (
     BrokerError,
-    ConfigurationError,
     ProcessorClosed,
     TaskExpired,
 )
 from taskprocessor.task import TaskRecord, TaskState
 
-__all__ = ["PoolState", "PoolStatistics", "ShutdownReport", "WorkerPool"]
+__all__ = ["WorkerPool"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,72 +67,6 @@ _new_outcome: Final = tuple.__new__
 _HARD_STOP: Final = 5.0
 # Backoff after a broker error in the worker loop.
 _BROKER_BACKOFF: Final = 1.0
-
-
-class PoolState(enum.Enum):
-    """Lifecycle of a `WorkerPool`, and of the `TaskProcessor` that runs it."""
-
-    NEW = "new"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    CLOSED = "closed"
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class PoolStatistics:
-    """A snapshot of the pool's workers and of what they finished.
-
-    Attributes:
-        workers: Workers that take new tasks.
-        busy: Workers running (or settling) a task.
-        retiring: Workers finishing their last task before they exit.
-        parked: Reserved tasks waiting behind a full concurrency limit.
-        threads_abandoned: Interrupted plain-function calls still running in a thread.
-        running_by_task: Attempts running now, by task name.
-        succeeded: Tasks that returned.
-        failed: Tasks that ended failed (retries exhausted or not retried).
-        timed_out: Tasks whose last attempt timed out.
-        cancelled: Reserved tasks (running or parked) that were cancelled.
-        expired: Tasks found past their queue TTL when reserved.
-        retried: Attempts that were scheduled again.
-        dead_lettered: Tasks put in the dead-letter store.
-    """
-
-    workers: int
-    busy: int
-    retiring: int
-    parked: int
-    threads_abandoned: int
-    running_by_task: Mapping[str, int]
-    succeeded: int
-    failed: int
-    timed_out: int
-    cancelled: int
-    expired: int
-    retried: int
-    dead_lettered: int
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ShutdownReport:
-    """What a shutdown did.
-
-    Attributes:
-        drained: Whether all work finished within the grace period.
-        interrupted: Running tasks interrupted at the end of the grace period.
-        cancelled: Queued and scheduled tasks cancelled (in-memory broker).
-        handed_back: Reserved tasks handed back to a durable broker.
-        threads_abandoned: Interrupted plain-function calls still running in threads
-            (Python cannot stop a thread; a worker process exits without them).
-    """
-
-    drained: bool
-    interrupted: int
-    cancelled: int
-    handed_back: int
-    threads_abandoned: int = 0
 
 
 @runtime_checkable
@@ -715,10 +652,3 @@ class WorkerPool:
             f"<WorkerPool {self._state.value} workers={self.size} busy={self.busy} "
             f"parked={self._gate.parked}>"
         )
-
-
-def check_workers(workers: object) -> int:
-    """Return ``workers`` if it is a valid pool size, else raise `ConfigurationError`."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigurationError("workers", workers, "an integer >= 1")
-    return workers
