@@ -1,4 +1,4 @@
-"""The in-memory broker: a priority heap with aging, delays, TTLs and backpressure.
+"""The in-memory broker: priority with aging, delays, TTLs and backpressure.
 
 It is the default (``memory://``) and a first-class implementation: one process, no
 infrastructure, nothing to serialise. All methods run on the event loop's thread,
@@ -7,13 +7,9 @@ so no lock is taken anywhere.
 Ordering: without aging, strictly by priority (higher first), FIFO among equals.
 With ``aging=s``, a waiting task gains one priority level per ``s`` seconds. That is
 the same as sorting by ``enqueued_at - priority * s`` — a key fixed at enqueue time, so
-aging costs nothing beyond the heap operation itself.
-
-Without aging the ready tasks are a bucket queue: one FIFO lane (a deque) per priority
-level, and a small heap of the levels that have tasks. Priorities are integers from 0
-to 100, so taking the best task is O(1) (a deque's popleft) instead of a heap pop over
-every queued task (about 15 tuple comparisons per pop with 20,000 queued). With aging
-the keys are continuous and one heap of ``(key, seq, record)`` holds them all.
+aging costs nothing beyond the heap operation itself. The ready tasks are held in
+`taskprocessor.brokers._ready` (a lane per priority, or one heap with aging), finished
+ones kept for a while and dead letters in `taskprocessor.brokers._kept`.
 """
 
 from __future__ import annotations
@@ -21,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import logging
 import sys
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from time import monotonic as _monotonic
 from typing import Any, final
 
+from taskprocessor._checks import is_real
+from taskprocessor.brokers._kept import Kept
+from taskprocessor.brokers._ready import AgingHeap, Lanes, compact_if_stale
 from taskprocessor.brokers.base import BrokerStatistics
 from taskprocessor.clock import Clock, LoopClock, Timer
 from taskprocessor.errors import (
@@ -43,14 +41,10 @@ from taskprocessor.task import TaskRecord, TaskState
 
 __all__ = ["MemoryBroker"]
 
-logger = logging.getLogger(__name__)
-
 _QUEUED = TaskState.QUEUED
 _RUNNING = TaskState.RUNNING
 _SCHEDULED = TaskState.SCHEDULED
 
-# Compact the ready heap when this many cancelled/expired entries linger in it.
-_COMPACT_AFTER = 1024
 _UNBOUNDED = sys.maxsize
 
 
@@ -82,9 +76,9 @@ class MemoryBroker:
     ) -> None:
         if capacity is not None and (_not_int(capacity) or capacity < 1):
             raise ConfigurationError("capacity", capacity, "a positive integer or None")
-        if aging is not None and not (_real(aging) and aging > 0):
+        if aging is not None and not (is_real(aging) and aging > 0):
             raise ConfigurationError("aging", aging, "seconds > 0, or None for strict priority")
-        if not _real(result_ttl) or not result_ttl >= 0:
+        if not is_real(result_ttl) or not result_ttl >= 0:
             raise ConfigurationError("result_ttl", result_ttl, "seconds >= 0")
         if _not_int(max_dead_letters) or max_dead_letters < 0:
             raise ConfigurationError("max_dead_letters", max_dead_letters, "an integer >= 0")
@@ -98,16 +92,14 @@ class MemoryBroker:
         self._capacity = capacity
         self._aging = aging
         self._result_ttl = result_ttl
-        self._max_dead = max_dead_letters
         self._seq = itertools.count()
-        # Strict priority: a FIFO lane per priority (by priority, and by level, its
-        # negation), and a heap of the levels of the listed lanes (see _Lane).
-        self._lanes: dict[int, _Lane] | None = None if aging is not None else {}
-        self._by_level: dict[int, _Lane] = {}
-        self._levels: list[int] = []
-        # With aging: one heap of (key, seq, record).
-        self._ready: list[tuple[float, int, TaskRecord]] = []
-        self._stale = 0  # heap entries whose record left QUEUED while in the heap
+        # The ready tasks: the lanes (strict priority), or the heap (with aging; empty
+        # and unused otherwise), and _ready, whichever is in use.
+        self._lanes = Lanes() if aging is None else None
+        self._heap = AgingHeap()
+        self._ready: Lanes | AgingHeap = self._heap if self._lanes is None else self._lanes
+        # get_nowait's one call with aging, held bound: a lookup less per task.
+        self._pop_best = self._heap.pop_best
         self._delayed: list[tuple[float, int, TaskRecord]] = []
         self._delay_timer: Timer | None = None
         self._delay_timer_at = float("inf")
@@ -115,8 +107,7 @@ class MemoryBroker:
         self._size = 0  # live queued + scheduled
         self._scheduled = 0
         self._tasks: dict[str, TaskRecord] = {}  # every non-final task
-        self._finished: OrderedDict[str, TaskRecord] = OrderedDict()
-        self._dead: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._kept = Kept(result_ttl, max_dead_letters)
         self._getters: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
         self._cancel_listeners: list[Callable[[str], None]] = []
@@ -199,17 +190,18 @@ class MemoryBroker:
         record.seq = next(self._seq)
         lanes = self._lanes
         if lanes is not None:
+            # lanes.listed_lane, inline.
             lane = lanes.get(record.priority)
             if lane is None:
-                lane = self._new_lane(record.priority)
+                lane = lanes.new_lane(record.priority)
             record.sort_key = lane.level
             if not lane.listed:
                 lane.listed = True
-                heapq.heappush(self._levels, lane.level)
+                heapq.heappush(lanes.levels, lane.level)
             lane.append(record)
         else:
             record.sort_key = key = now - record.priority * (self._aging or 0.0)
-            heapq.heappush(self._ready, (key, record.seq, record))
+            heapq.heappush(self._heap, (key, record.seq, record))
         if self._getters:
             self._wake(self._getters)
         return True
@@ -258,69 +250,14 @@ class MemoryBroker:
         record.enqueued_at = now  # became ready: the start of its queue wait
         record.seq = next(self._seq)
         if self._lanes is not None:
-            lane = self._lane_of(record.priority)
+            lane = self._lanes.listed_lane(record.priority)
             record.sort_key = lane.level
             lane.append(record)
         else:
             record.sort_key = key = now - record.priority * (self._aging or 0.0)
-            heapq.heappush(self._ready, (key, record.seq, record))
+            heapq.heappush(self._heap, (key, record.seq, record))
         if self._getters:
             self._wake(self._getters)
-
-    def _new_lane(self, priority: int) -> _Lane:
-        assert self._lanes is not None  # noqa: S101 - only without aging
-        lane = self._lanes[priority] = _Lane(priority)
-        self._by_level[lane.level] = lane
-        return lane
-
-    def _lane_of(self, priority: int) -> _Lane:
-        """The lane of a priority level, to add to, listed in the level heap."""
-        assert self._lanes is not None  # noqa: S101 - only without aging
-        lane = self._lanes.get(priority)
-        if lane is None:
-            lane = self._new_lane(priority)
-        if not lane.listed:
-            lane.listed = True
-            heapq.heappush(self._levels, lane.level)
-        return lane
-
-    def _pop_ready(self) -> TaskRecord | None:
-        """Take the best ready entry that is still QUEUED (stale ones are dropped)."""
-        if self._lanes is not None:
-            levels = self._levels
-            by_level = self._by_level
-            while levels:
-                lane = by_level[levels[0]]
-                if not lane:
-                    if len(levels) == 1:
-                        return None  # the last level stays listed (see _Lane)
-                    lane.listed = False
-                    heapq.heappop(levels)
-                    continue
-                record = lane.popleft()
-                if record.state is _QUEUED:
-                    return record
-                self._stale -= 1
-            return None
-        ready = self._ready
-        while ready:
-            record = heapq.heappop(ready)[2]
-            if record.state is _QUEUED:
-                return record
-            self._stale -= 1
-        return None
-
-    def _entry_count(self) -> int:
-        """How many ready entries there are, stale ones included."""
-        if self._lanes is not None:
-            return sum(map(len, self._lanes.values()))
-        return len(self._ready)
-
-    def _entries(self) -> list[TaskRecord]:
-        """Every ready entry, stale ones included, in no particular order."""
-        if self._lanes is not None:
-            return [record for lane in self._lanes.values() for record in lane]
-        return [entry[2] for entry in self._ready]
 
     def _schedule(self, record: TaskRecord, eta: float) -> None:
         record.state = _SCHEDULED
@@ -372,16 +309,17 @@ class MemoryBroker:
             self._promote_due(self._now())
         lanes = self._lanes
         if lanes is None:
-            record = self._pop_ready()
+            record = self._pop_best()
             return None if record is None else self._take(record)
-        # _pop_ready and _take, inline for the common task.
-        levels = self._levels
-        by_level = self._by_level
+        # Taking from the lanes (the only place that does), and _take for the common
+        # task, inline.
+        levels = lanes.levels
+        by_level = lanes.by_level
         while levels:
             lane = by_level[levels[0]]
             if not lane:
                 if len(levels) == 1:
-                    return None  # the last level stays listed (see _Lane)
+                    return None  # the last level stays listed (see _ready.Lane)
                 lane.listed = False
                 heapq.heappop(levels)
                 continue
@@ -392,7 +330,7 @@ class MemoryBroker:
                 record.state = _RUNNING
                 self._size -= 1
                 return record
-            self._stale -= 1
+            lanes.stale -= 1
         return None
 
     async def reserve(self) -> TaskRecord:
@@ -400,11 +338,9 @@ class MemoryBroker:
         while True:
             if self._closed:
                 raise ProcessorClosed("the broker was closed")
-            if self._delayed and self._delayed[0][0] <= self._clock.now():
-                self._promote_due(self._clock.now())
-            record = self._pop_ready()
+            record = self.get_nowait()
             if record is not None:
-                return self._take(record)
+                return record
             waiter = asyncio.get_running_loop().create_future()
             self._getters.append(waiter)
             try:
@@ -434,19 +370,7 @@ class MemoryBroker:
         self._check_reserved(record)
         self._size += 1
         record.state = _QUEUED
-        if self._lanes is not None:
-            # Back in its lane by its sequence number: usually at the front, which it
-            # was taken from.
-            lane = self._lane_of(record.priority)
-            seq = record.seq
-            at = 0
-            for other in lane:
-                if other.seq > seq:
-                    break
-                at += 1
-            lane.insert(at, record)
-        else:
-            heapq.heappush(self._ready, (record.sort_key, record.seq, record))
+        self._ready.put_back(record)
         if self._getters:
             self._wake(self._getters)
 
@@ -483,62 +407,27 @@ class MemoryBroker:
         """`ack`, synchronously: the in-memory broker never waits to record an outcome."""
         if record.state is not _RUNNING:
             self._check_reserved(record)
-        if dead_letter is None and self._result_ttl == 0:
-            # _finish for the common ack, inline (a Python call less per task).
-            record.state = state
-            record.result = result
-            record.error = error
-            record.finished_at = self._now()
-            self._finished_total += 1
-            del self._tasks[record.id]
-            # TaskRecord.settle only when someone waits: most records are waited
-            # for after they finish, if at all.
-            if record._waiter is not None or record._waiters is not None:
-                record.settle()
-            return
-        self._finish(record, state, result, error)
+        record.state = state
+        record.result = result
+        record.error = error
+        record.finished_at = self._now()
+        self._finished_total += 1
+        del self._tasks[record.id]
+        if self._result_ttl > 0:
+            self._kept.keep(record, record.finished_at)
         if dead_letter is not None:
             record.dead_letter_reason = dead_letter
-            self._store_dead(record)
+            self._kept.bury(record)
+        # TaskRecord.settle only when someone waits: most records are waited for after
+        # they finish, if at all.
+        if record._waiter is not None or record._waiters is not None:
+            record.settle()
 
     def _check_reserved(self, record: TaskRecord) -> None:
         if record.state is not _RUNNING:
             raise ValueError(
                 f"task {record.id} is {record.state.value}, not running: only a reserved "
                 "task can be released, retried or acknowledged"
-            )
-
-    def _finish(
-        self, record: TaskRecord, state: TaskState, result: Any, error: BaseException | None
-    ) -> None:
-        record.state = state
-        record.result = result
-        record.error = error
-        record.finished_at = now = self._now()
-        self._finished_total += 1
-        del self._tasks[record.id]
-        if self._result_ttl > 0:
-            finished = self._finished
-            finished[record.id] = record
-            horizon = now - self._result_ttl
-            while finished:
-                oldest = next(iter(finished.values()))
-                if oldest.finished_at is not None and oldest.finished_at > horizon:
-                    break
-                finished.popitem(last=False)
-        record.settle()
-
-    def _store_dead(self, record: TaskRecord) -> None:
-        if self._max_dead == 0:
-            logger.warning("dead letter %s dropped: max_dead_letters is 0", record.id)
-            return
-        self._dead[record.id] = record
-        if len(self._dead) > self._max_dead:
-            dropped_id, _ = self._dead.popitem(last=False)
-            logger.warning(
-                "dead-letter store over its bound of %d: dropped the oldest, %s",
-                self._max_dead,
-                dropped_id,
             )
 
     # -- cancellation and expiry ---------------------------------------------------
@@ -551,7 +440,7 @@ class MemoryBroker:
         """Cancel a queued, scheduled or running task; return the state it was in."""
         record = self._tasks.get(task_id)
         if record is None:
-            finished = self._kept_finished(task_id)
+            finished = self._kept.result(task_id, self._clock.now())
             return finished.state if finished is not None else None
         state = record.state
         if state is _RUNNING:
@@ -584,54 +473,33 @@ class MemoryBroker:
     def _finish_waiting(self, record: TaskRecord, state: TaskState, error: TaskError) -> None:
         """Finish a queued or scheduled task; its heap entry stays behind, skipped as stale."""
         if record.state is _QUEUED:
-            self._stale += 1
+            self._ready.stale += 1
         else:
             self._scheduled -= 1
         self._size -= 1
         timer = self._expiry_timers.pop(record.id, None)
         if timer is not None:
             timer.cancel()
-        self._finish(record, state, None, error)
-        if self._stale > _COMPACT_AFTER and self._stale * 2 > self._entry_count():
-            self._compact()
+        # Out of the queue now, as if a worker had taken it: finish it as its ack would.
+        record.state = _RUNNING
+        self.ack_nowait(record, state, None, error)
+        compact_if_stale(self._ready)
         if self._putters:
             self._wake(self._putters)
-
-    def _compact(self) -> None:
-        """Drop the stale entries (finished while queued) from the ready structures."""
-        lanes = self._lanes
-        if lanes is not None:
-            for lane in lanes.values():  # in place: the level heap lists the lanes
-                live = [r for r in lane if r.state is _QUEUED]
-                lane.clear()
-                lane.extend(live)
-        else:
-            self._ready = [entry for entry in self._ready if entry[2].state is _QUEUED]
-            heapq.heapify(self._ready)
-        self._stale = 0
 
     # -- lookups and dead letters --------------------------------------------------
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """Return a task by id: any unfinished one, or a finished one within result_ttl."""
-        return self._tasks.get(task_id) or self._kept_finished(task_id)
-
-    def _kept_finished(self, task_id: str) -> TaskRecord | None:
-        # _finish prunes only when another task finishes, so check the horizon here too.
-        record = self._finished.get(task_id)
-        finished_at = record.finished_at if record is not None else None
-        if finished_at is not None and finished_at <= self._clock.now() - self._result_ttl:
-            del self._finished[task_id]
-            return None
-        return record
+        return self._tasks.get(task_id) or self._kept.result(task_id, self._clock.now())
 
     async def dead_letters(self) -> list[TaskRecord]:
         """Return the dead letters, oldest first."""
-        return list(self._dead.values())
+        return list(self._kept.dead.values())
 
     async def requeue_dead_letter(self, task_id: str) -> TaskRecord:
         """Queue a dead letter again, attempts counted from zero."""
-        if task_id not in self._dead:
+        if task_id not in self._kept.dead:
             raise KeyError(f"no dead letter has id {task_id!r}")
         # Wait for room before taking it out, so that a refused or cancelled requeue
         # leaves the dead letter where it was; after this, enqueue cannot suspend.
@@ -639,37 +507,25 @@ class MemoryBroker:
             await self._wait_for_room(self._capacity)
         if self._closed:
             raise ProcessorClosed("the broker is closed; dead letters cannot be requeued")
-        try:
-            record = self._dead.pop(task_id)
-        except KeyError:  # requeued or purged while this call waited for room
-            raise KeyError(f"no dead letter has id {task_id!r}") from None
-        record.attempt = 0
-        record.error = None
-        record.result = None
-        record.dead_letter_reason = None
-        record.finished_at = None
-        record.eta = None
-        record.ttl = None
-        record.expires_at = None
-        record.reopen()
-        self._finished.pop(task_id, None)
+        # A KeyError here: requeued or purged while this call waited for room.
+        record = self._kept.revive(task_id)
         await self.enqueue(record)
         return record
 
     async def purge_dead_letters(self) -> int:
         """Forget every dead letter."""
-        count = len(self._dead)
-        self._dead.clear()
+        count = len(self._kept.dead)
+        self._kept.dead.clear()
         return count
 
     def statistics(self) -> BrokerStatistics:
         """Return queue depths and totals."""
-        by_priority = Counter(r.priority for r in self._entries() if r.state is _QUEUED)
+        by_priority = Counter(r.priority for r in self._ready.entries() if r.state is _QUEUED)
         return BrokerStatistics(
             queued=self._size - self._scheduled,
             scheduled=self._scheduled,
             running=self._running,
-            dead_letters=len(self._dead),
+            dead_letters=len(self._kept.dead),
             capacity=self._capacity,
             queued_by_priority=dict(sorted(by_priority.items(), reverse=True)),
             enqueued_total=self._enqueued_total,
@@ -679,34 +535,8 @@ class MemoryBroker:
     def __repr__(self) -> str:
         return (
             f"<MemoryBroker queued={self._size - self._scheduled} scheduled={self._scheduled} "
-            f"running={self._running} dead={len(self._dead)}>"
+            f"running={self._running} dead={len(self._kept.dead)}>"
         )
-
-
-@final
-class _Lane(deque[TaskRecord]):
-    """The ready tasks of one priority level, in FIFO order, stale entries included.
-
-    A lane is *listed* while its level is in the broker's level heap; every lane with
-    entries is listed, and a listed lane found empty is unlisted when a worker next
-    looks for a task, except the last one: an empty heap would free its array, and
-    the next submit allocate it again (tracemalloc counts that on every task of a
-    queue that runs dry after each one).
-    """
-
-    __slots__ = ("level", "listed")
-
-    def __init__(self, priority: int) -> None:
-        super().__init__()
-        # The heap key, the best level smallest: one int object made per lane, so no
-        # submit allocates one (ints beyond -5 are not cached).
-        self.level = -priority
-        self.listed = False
-
-
-def _real(value: object) -> bool:
-    """Whether ``value`` is an int or float (not a bool, which is a slip for a number)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _not_int(value: object) -> bool:
