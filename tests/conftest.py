@@ -48,6 +48,16 @@ def _soaking(config: pytest.Config) -> bool:
     return bool(config.getoption("--soak")) or os.environ.get("TASKPROCESSOR_SOAK") == "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``--soak`` also sets ``TASKPROCESSOR_SOAK=1``, before any test module is imported.
+
+    Sizes fixed at import time (Hypothesis settings of a state machine's TestCase) read
+    the variable, so that both spellings of soaking reach them.
+    """
+    if config.getoption("--soak"):
+        os.environ["TASKPROCESSOR_SOAK"] = "1"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """At full size the chaos tests may take minutes: allow each 30 minutes, not 60 seconds."""
     if _soaking(config):

@@ -24,6 +24,7 @@ import termios
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Final
 
 import pytest
@@ -113,17 +114,71 @@ def check_breaker_and_pool(text: str) -> None:
     assert end < peak
 
 
-# -- plain lines ------------------------------------------------------------------------
+# -- plain lines, with a metrics endpoint ----------------------------------------------
 
 
-def test_plain_demo_shows_every_capability() -> None:
+@dataclass(frozen=True)
+class PipedRun:
+    """What one piped run of the demo with ``--metrics-port 0`` printed and served."""
+
+    returncode: int
+    out: str
+    err: str
+    url: str
+    samples: dict[str, float]  # the last scrape taken while it ran: sample name -> sum
+
+
+@pytest.fixture(scope="module")
+def piped_run() -> PipedRun:
+    """Run the demo once, piped, with a metrics endpoint scraped while it runs.
+
+    One run serves the plain-lines test and the metrics test (each demo run costs a few
+    seconds): piped, the demo picks plain lines by itself, and the metrics port only
+    adds the line that prints its URL.
+    """
+    proc = subprocess.Popen(
+        [*DEMO, "--metrics-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        head: list[str] = []
+        url = None
+        while url is None:
+            line = proc.stdout.readline()
+            assert line, "the demo ended without printing its metrics URL"
+            head.append(line)
+            found = re.search(r"Prometheus metrics at (http://\S+)", line)
+            url = found.group(1) if found else None
+        deadline = time.monotonic() + BOUND
+        samples: dict[str, float] = {}
+        while not (samples.get("taskprocessor_workers", 0) > 0 and "submitted" in samples):
+            assert time.monotonic() < deadline, f"no workers or submits in {samples}"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            samples = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    samples[sample.name] = samples.get(sample.name, 0) + sample.value
+            if samples.get("taskprocessor_tasks_submitted_total", 0) > 0:
+                samples["submitted"] = 1
+        out, err = proc.communicate(timeout=BOUND)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return PipedRun(proc.returncode, "".join(head) + out, err, url, samples)
+
+
+def test_plain_demo_shows_every_capability(piped_run: PipedRun) -> None:
     """Piped, the demo prints plain progress lines and a summary in which every
     capability shows: each final state, retries, dead letters, the breaker's trip and
     recovery, the pool's growth and shrinking."""
-    proc = subprocess.run(DEMO, capture_output=True, text=True, timeout=BOUND, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    out = proc.stdout
+    assert piped_run.returncode == 0, piped_run.err
+    assert "Traceback" not in piped_run.err
+    out = piped_run.out
     assert not ESCAPE.search(out)  # not a terminal: no escapes at all
     progress = re.findall(r"^ *\d+\.\ds  done \d+/\d+", out, flags=re.M)
     assert len(progress) >= 2
@@ -206,42 +261,14 @@ def test_terminal_demo_redraws_its_view_in_place() -> None:
 # -- metrics ----------------------------------------------------------------------------
 
 
-def test_metrics_port_serves_prometheus_text_while_running() -> None:
+def test_metrics_port_serves_prometheus_text_while_running(piped_run: PipedRun) -> None:
     """With --metrics-port the demo prints its URL and serves parseable metrics that
     count the tasks and report the workers while it runs."""
-    proc = subprocess.Popen(
-        [*DEMO, "--plain", "--metrics-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = None
-        while url is None:
-            line = proc.stdout.readline()
-            assert line, "the demo ended without printing its metrics URL"
-            found = re.search(r"Prometheus metrics at (http://\S+)", line)
-            url = found.group(1) if found else None
-        deadline = time.monotonic() + BOUND
-        samples: dict[str, float] = {}
-        while not (samples.get("taskprocessor_workers", 0) > 0 and "submitted" in samples):
-            assert time.monotonic() < deadline, f"no workers or submits in {samples}"
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-            samples = {}
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    samples[sample.name] = samples.get(sample.name, 0) + sample.value
-            if samples.get("taskprocessor_tasks_submitted_total", 0) > 0:
-                samples["submitted"] = 1
-        out, err = proc.communicate(timeout=BOUND)
-        assert proc.returncode == 0, err
-        assert "finished" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    assert piped_run.url.startswith("http://127.0.0.1:")
+    assert piped_run.samples["taskprocessor_workers"] > 0
+    assert piped_run.samples["taskprocessor_tasks_submitted_total"] > 0
+    assert piped_run.returncode == 0, piped_run.err
+    assert "finished" in piped_run.out
 
 
 # -- over Redis -------------------------------------------------------------------------

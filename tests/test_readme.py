@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from redis_support import delete_queue, require_redis
+from redis_support import delete_queue, new_queue, require_redis
 from taskprocessor.demo import run_demo
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -27,15 +27,32 @@ def test_readme_block_runs(index: int, capsys: pytest.CaptureFixture[str]) -> No
     """Each Python block in README runs to completion and prints something."""
     block = BLOCKS[index]
     uses_redis = "redis://" in block
+    queue = new_queue()
     if uses_redis:
         require_redis()  # skips without a server (fails under CI=true)
+        block = on_own_queue(block, queue)
     namespace: dict[str, object] = {"__name__": f"readme_block_{index}"}
     try:
         exec(compile(block, f"README.md[python block {index}]", "exec"), namespace)
     finally:
         if uses_redis:
-            delete_queue("readme")  # the README's Redis example keeps to this queue
+            delete_queue(queue)
     assert capsys.readouterr().out.strip()
+
+
+def on_own_queue(block: str, queue: str) -> str:
+    """The block with its Redis queue ``readme`` renamed to ``queue``, a name of its own.
+
+    The README's Redis examples share the queue ``readme`` on db 0. Two test sessions at
+    once (a developer's run beside CI's, or two helpers' runs on one machine) would then
+    share it too: the other session's workers take the tasks and fail them as
+    ``UnknownTask``, or its clean-up deletes them mid-run and ``result(timeout=10)``
+    raises ``ResultTimeout``. Each run therefore gets a queue of its own.
+    """
+    renamed = block.replace("queues=readme", f"queues={queue}")
+    renamed = renamed.replace('queue="readme"', f'queue="{queue}"')
+    assert "readme" not in renamed, "a README Redis block names its queue in a new way"
+    return renamed
 
 
 def test_quickstart_commands_match_ci() -> None:

@@ -379,7 +379,7 @@ class Store:
         Returns the future of the reply. A call queued is sent even if its future is
         cancelled.
         """
-        return self._queue(_Call(name, keys, args, None))
+        return self._queue(_Call(name, keys, args))
 
     def call_merged(
         self, name: str, keys: Sequence[str], args: Sequence[Any], item: Sequence[Any]
@@ -392,7 +392,19 @@ class Store:
         hundred acks of one queue runs one script with a few arguments, not a hundred
         with eight each (redis-py's packing of arguments costs about a microsecond each).
         """
-        return self._queue(_Call(name, keys, args, item))
+        return self._queue(_Call(name, keys, args, [item], one=True))
+
+    def call_many(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], items: Sequence[Sequence[Any]]
+    ) -> list[asyncio.Future[Any]]:
+        """`call_merged` for many items at once: one future per `_MERGE_MAX` of them.
+
+        Each future's reply is the list of its items' replies, in order.
+        """
+        return [
+            self._queue(_Call(name, keys, args, items[start : start + _MERGE_MAX], one=False))
+            for start in range(0, len(items), _MERGE_MAX)
+        ]
 
     async def call_one(
         self, name: str, keys: Sequence[str], args: Sequence[Any], item: Sequence[Any]
@@ -420,8 +432,9 @@ class Store:
                 def fill(pipe: Any, sends: list[tuple[_Call, list[_Call]]] = sends) -> None:
                     for first, calls in sends:
                         args = first.args
-                        if first.item is not None:
-                            args = [*args, _dumps([call.item for call in calls])]
+                        if first.items is not None:
+                            items = [item for call in calls for item in call.items or ()]
+                            args = [*args, _dumps(items)]
                         self.scripts.queue(pipe, first.name, first.keys, args)
 
                 try:
@@ -432,11 +445,14 @@ class Store:
                     if isinstance(reply, Exception):
                         for call in calls:
                             call.fail(reply, self.url)
-                    elif first.item is None:
+                    elif first.items is None:
                         first.succeed(reply)
                     else:
-                        for call, one in zip(calls, reply, strict=True):
-                            call.succeed(one)
+                        start = 0
+                        for call in calls:
+                            size = len(call.items or ())
+                            call.succeed(reply[start] if call.one else reply[start : start + size])
+                            start += size
                 batch = []
         finally:
             self._flusher = None
@@ -554,14 +570,25 @@ async def _subscribe(pubsub: Any, channels: Sequence[str]) -> None:
 
 @final
 class _Call:
-    """A script call waiting in `Store`'s next pipeline, and the future of its reply."""
+    """A script call waiting in `Store`'s next pipeline, and the future of its reply.
 
-    __slots__ = ("args", "future", "item", "keys", "name")
+    A call with ``items`` is merged with the others of its pipeline that share its
+    script, keys and arguments (see `Store.call_merged`); ``one`` says its reply is its
+    single item's, not the list of its items' replies.
+    """
+
+    __slots__ = ("args", "future", "items", "keys", "name", "one")
 
     def __init__(
-        self, name: str, keys: Sequence[str], args: Sequence[Any], item: Sequence[Any] | None
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        items: Sequence[Sequence[Any]] | None = None,
+        *,
+        one: bool = False,
     ) -> None:
-        self.name, self.keys, self.args, self.item = name, keys, args, item
+        self.name, self.keys, self.args, self.items, self.one = name, keys, args, items, one
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def succeed(self, reply: Any) -> None:
@@ -580,17 +607,22 @@ class _Call:
 
 
 def _merge(batch: list[_Call]) -> list[tuple[_Call, list[_Call]]]:
-    """Group the merged calls of a pipeline (see `Store.call_merged`); others go alone."""
+    """Group the merged calls of a pipeline (see `Store.call_merged`); others go alone.
+
+    A group holds at most `_MERGE_MAX` items, unless one call brings more.
+    """
     sends: list[tuple[_Call, list[_Call]]] = []
-    groups: dict[tuple[Any, ...], list[_Call]] = {}
+    groups: dict[tuple[Any, ...], tuple[list[_Call], list[int]]] = {}
     for call in batch:
-        if call.item is None:
+        if call.items is None:
             sends.append((call, [call]))
             continue
         group_key = (call.name, *call.keys, None, *call.args)
-        calls = groups.get(group_key)
-        if calls is None or len(calls) == _MERGE_MAX:
-            groups[group_key] = calls = []
-            sends.append((call, calls))
-        calls.append(call)
+        group = groups.get(group_key)
+        size = len(call.items)
+        if group is None or group[1][0] + size > _MERGE_MAX:
+            group = groups[group_key] = ([], [0])
+            sends.append((call, group[0]))
+        group[0].append(call)
+        group[1][0] += size
     return sends

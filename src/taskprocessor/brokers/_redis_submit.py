@@ -132,7 +132,6 @@ class Submitter:
 
     async def enqueue_many(self, records: Iterable[TaskRecord]) -> None:
         """Submit many tasks, a few hundred per script call (see `RedisBroker.enqueue_many`)."""
-        store = self._shared.store
         records = list(records)
         items = [self.item(r, None, 0.0) for r in records]
         scripts = {queue: self.script(queue) for queue in {r.queue for r in records}}
@@ -142,15 +141,8 @@ class Submitter:
                 self._waiting.track(record)
 
             def send(first: int = start) -> Awaitable[list[Any]]:
-                return asyncio.gather(
-                    *(
-                        store.call_merged("enqueue", *scripts[record.queue], item)
-                        for record, item in zip(
-                            records[first : first + _CHUNK],
-                            items[first : first + _CHUNK],
-                            strict=True,
-                        )
-                    )
+                return self._send_many(
+                    records[first : first + _CHUNK], items[first : first + _CHUNK], scripts
                 )
 
             try:
@@ -161,6 +153,29 @@ class Submitter:
                 raise
             for record, reply in zip(chunk, replies, strict=True):
                 await self._accepted(record, reply)
+
+    async def _send_many(
+        self,
+        records: Sequence[TaskRecord],
+        items: Sequence[list[Any]],
+        scripts: dict[str, tuple[list[str], list[Any]]],
+    ) -> list[Any]:
+        """Send the items of many submits (a few calls per queue); their replies in order."""
+        by_queue: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            by_queue.setdefault(record.queue, []).append(i)
+        store = self._shared.store
+        futures = [
+            future
+            for queue, indexes in by_queue.items()
+            for future in store.call_many("enqueue", *scripts[queue], [items[i] for i in indexes])
+        ]
+        got = [reply for chunk in await asyncio.gather(*futures) for reply in chunk]
+        order = [i for indexes in by_queue.values() for i in indexes]
+        replies: list[Any] = [None] * len(records)
+        for i, reply in zip(order, got, strict=True):
+            replies[i] = reply
+        return replies
 
     async def _accepted(self, record: TaskRecord, reply: list[bytes]) -> None:
         created, task_id, state = int(reply[0]), reply[1].decode(), TaskState(reply[2].decode())
