@@ -53,7 +53,6 @@ from typing import Any, Final
 import redis
 
 import io_bound
-import run as engine_bench
 import scaling
 from io_bound import DB, fmt
 from peers import run as peers
@@ -95,6 +94,8 @@ class Row:
 
 def engine_figures(tasks: int, repeat: int) -> dict[str, float]:
     """Run ``run.py``'s main (output shown) and read its throughput and allocation rows."""
+    import run as engine_bench  # noqa: PLC0415 - pytest-based: not in the peers' venv
+
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         engine_bench.main(["--tasks", str(tasks), "--repeat", str(repeat)])
@@ -120,6 +121,8 @@ def engine_figures(tasks: int, repeat: int) -> dict[str, float]:
 
 def engine_loop_gain(tasks: int, repeat: int) -> float:
     """Engine (32 workers) tasks/s on uvloop over asyncio, ``run.measure_throughput`` each."""
+    import run as engine_bench  # noqa: PLC0415 - pytest-based: not in the peers' venv
+
     uvloop: Any = importlib.import_module("uvloop")
     label = "engine, 32 workers"
     on_asyncio = on_uvloop = math.inf
