@@ -27,10 +27,11 @@ import pytest
 import redis
 
 import workerapp
+from cli_support import isolated, run_cli
 from redis_support import delete_queue, new_queue, require_redis, sync_client
 from taskprocessor import TaskProcessor, TaskState
 from taskprocessor.brokers.redis import RedisBroker
-from taskprocessor.cli import _CONFIGURATION, main
+from taskprocessor.cli import _CONFIGURATION
 from taskprocessor.config import CONFIG_ENV, PRECEDENCE, SETTINGS, Settings, load_settings
 from taskprocessor.errors import ConfigurationError
 from taskprocessor.task import TaskRecord
@@ -43,24 +44,8 @@ SECRET: Final = "hunter2-secret"
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No TASKPROCESSOR_* variable, a directory of the test's own, workerapp's broker kept."""
-    for name in list(os.environ):
-        if name.startswith("TASKPROCESSOR_") and name != "TASKPROCESSOR_TEST_REDIS":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    broker = workerapp.app.broker
-    yield
-    workerapp.app.use_broker(broker)
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the command line in this process; return its exit status, stdout and stderr."""
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return status, out, err
+    with isolated(monkeypatch, tmp_path):
+        yield
 
 
 def run_program(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,7 @@ from typing import Final
 import pytest
 
 import workerapp
+from cli_support import isolated
 from redis_support import delete_queue, new_queue, require_redis, sync_client
 from taskprocessor import TaskProcessor
 from taskprocessor.brokers.redis import RedisBroker
@@ -40,14 +41,8 @@ def without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No TASKPROCESSOR_* variable, a directory of the test's own, workerapp's broker kept."""
-    for name in list(os.environ):
-        if name.startswith("TASKPROCESSOR_") and name != "TASKPROCESSOR_TEST_REDIS":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    broker = workerapp.app.broker
-    yield
-    workerapp.app.use_broker(broker)
+    with isolated(monkeypatch, tmp_path):
+        yield
 
 
 # -- the setting -------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 import workerapp
+from cli_support import run_cli, workerapp_broker_kept
 from redis_support import delete_queue, new_queue, require_redis, sync_client
 from taskprocessor import Autoscale, TaskProcessor, TaskState
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
-from taskprocessor.cli import main
 from taskprocessor.errors import ConfigurationError, ProcessorClosed
 from taskprocessor.worker import (
     DEFAULT_CONCURRENCY,
@@ -42,19 +42,8 @@ BOUND = 10.0  # real seconds before a wait fails the test instead of hanging
 @pytest.fixture(autouse=True)
 def _restore_workerapp_broker() -> Iterator[None]:
     """The command line points workerapp's (module-level) app at a broker: undo it."""
-    broker = workerapp.app.broker
-    yield
-    workerapp.app.use_broker(broker)
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the command line; return its exit status, stdout and stderr."""
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return status, out, err
+    with workerapp_broker_kept():
+        yield
 
 
 @pytest.fixture
