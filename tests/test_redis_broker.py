@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -305,6 +307,40 @@ def test_long_tracebacks_are_cut_in_the_middle() -> None:
     assert "characters cut" in encoded["traceback"]
     assert encoded["traceback"].startswith("Traceback (most recent call last):")
     assert encoded["traceback"].rstrip().endswith("x" * 100)
+
+
+_PLAIN = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    task_id=st.text(min_size=1),
+    state=st.sampled_from([s for s in TaskState if s.is_final]),
+    attempt=st.integers(min_value=0, max_value=10**6),
+    result=_PLAIN,
+)
+def test_an_outcome_without_error_is_the_json_of_its_fields(
+    task_id: str, state: TaskState, attempt: int, result: Any
+) -> None:
+    """The outcome of a success is built without a dict: the bytes are the same JSON."""
+    expected = json.dumps(
+        {
+            "id": task_id,
+            "state": state.value,
+            "attempt": attempt,
+            "result": result,
+            "error": None,
+            "dead_letter": None,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
+    assert encode_outcome(task_id, state, attempt=attempt, result=result, limit=10**9) == expected
+    assert decode_outcome(expected).result == result
 
 
 def test_results_must_be_plain_json() -> None:

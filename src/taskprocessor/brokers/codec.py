@@ -415,15 +415,25 @@ def encode_outcome(
                 f"the result of task {task_id} must be plain JSON data (str, int, float, bool, "
                 f"None, lists, and dicts with str keys) to cross the broker; found {where}"
             )
-    outcome = {
-        "id": task_id,
-        "state": state.value,
-        "attempt": attempt,
-        "result": result,
-        "error": None if error is None else encode_error(error),
-        "dead_letter": dead_letter,
-    }
-    data = _dumps(outcome).encode()
+    if error is None and dead_letter is None:
+        # A success (or a plain end): the same bytes as the general form below, built
+        # without a dict and without the encoder for a None result (2 us of the 5 that
+        # the general form takes: the worker's ack path).
+        data = (
+            f'{{"id":{_dumps(task_id)},"state":"{state.value}","attempt":{int(attempt)},'
+            f'"result":{"null" if result is None else _dumps(result)},'
+            '"error":null,"dead_letter":null}'
+        ).encode()
+    else:
+        outcome = {
+            "id": task_id,
+            "state": state.value,
+            "attempt": attempt,
+            "result": result,
+            "error": None if error is None else encode_error(error),
+            "dead_letter": dead_letter,
+        }
+        data = _dumps(outcome).encode()
     _check_size(
         f"result of task {task_id}",
         len(data),
