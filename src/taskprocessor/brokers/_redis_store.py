@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Final, final
 
 from taskprocessor.brokers._redis_outage import Outage
+from taskprocessor.brokers.codec import dumps_compact
 from taskprocessor.errors import BrokerError, BrokerUnavailable, ProcessorClosed
 
 try:
@@ -84,9 +84,7 @@ _BLOCK_MARGIN: Final = 10.0
 # Closing: how often a background task that went on after a cancel is cancelled again,
 # and for how long, seconds (see cancel_and_wait).
 _RECANCEL_EVERY: Final = 0.1
-_dumps: Final = json.JSONEncoder(
-    ensure_ascii=False, check_circular=False, separators=(",", ":")
-).encode
+_dumps: Final = dumps_compact
 _CLOSE_BOUND: Final = 5.0
 # Items per merged script call (see Store.call_merged): a script blocks Redis while it
 # runs, and a few hundred small tasks take about a millisecond.
