@@ -52,7 +52,7 @@ from taskprocessor.resilience.adaptive import AdaptiveLimit
 from taskprocessor.resilience.breaker import BreakerState, CircuitBreaker
 from taskprocessor.resilience.ratelimit import RateLimit
 from taskprocessor.resilience.retry import RetryPolicy
-from taskprocessor.task import Priority, TaskRecord, validate_priority
+from taskprocessor.task import Priority, TaskRecord, new_record, validate_priority
 
 __all__ = ["ProcessorState", "ProcessorStatistics", "TaskProcessor"]
 
@@ -332,14 +332,12 @@ class TaskProcessor:
         ):
             # No options and no key function (the common submit): the definition's
             # defaults as they are, positionally, nothing more to check.
-            return TaskRecord(
+            return new_record(
                 definition.name,
                 args,
                 kwargs,
-                None,
                 definition.priority,
                 definition.queue,
-                None,
                 definition.timeout,
                 definition.ttl,
             )
