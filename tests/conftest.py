@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from redis_support import delete_queue, new_queue, require_redis
 from taskprocessor.testing import FakeClock
 
 
@@ -70,3 +72,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def soak(request: pytest.FixtureRequest) -> bool:
     """Whether the load tests run at full size (``--soak`` or ``TASKPROCESSOR_SOAK=1``)."""
     return _soaking(request.config)
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    """A Redis queue of this test's own, deleted afterwards with every key of its hash tag
+    (ledgers, limits, counters); skips the test without Redis."""
+    require_redis()
+    name = new_queue()
+    yield name
+    delete_queue(name)

@@ -18,7 +18,7 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Final, final
 
@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
 
-from redis_support import delete_queue, new_queue, require_redis
+from redis_support import require_redis
 from taskprocessor import (
     MemoryBroker,
     Priority,
@@ -103,14 +103,6 @@ class Ledger:
         if self.distinct < distinct:
             self._reached.clear()
             await asyncio.wait_for(self._reached.wait(), BOUND)
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 def broker_for(kind: str, queue: str) -> str:

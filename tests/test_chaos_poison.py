@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from typing import Any, Final
 
 import pytest
 
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import require_redis, sync_client
 from taskprocessor import TaskProcessor, TaskRecord, TaskState
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.codec import ENVELOPE_VERSION, TaskMessage, decode_task, encode_task
@@ -27,14 +26,6 @@ pytestmark = pytest.mark.chaos
 BOUND: Final = 15.0  # real seconds before a wait fails the test instead of hanging
 MAX_PAYLOAD: Final = 4096  # the worker's limit, in bytes
 _PRIORITY_SPAN: Final = 2**46  # see _common.lua: ready score = (100 - priority) * span + seq
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 def envelope(queue: str, task_id: str, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,7 +29,7 @@ import pytest
 
 import taskprocessor
 from redis_server import RedisServer, free_port, redis_servers
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import require_redis, sync_client
 from taskprocessor import (
     BrokerError,
     BrokerUnavailable,
@@ -55,14 +54,6 @@ PACKAGE: Final = Path(taskprocessor.__file__).parent
 SECRET: Final = "hunter2-s3cret"
 # Modules that turn bytes into live objects or code: none may carry a task.
 CODE_FORMATS: Final = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve"}
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 def _imports(path: Path) -> set[str]:

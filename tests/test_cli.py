@@ -28,7 +28,7 @@ import redis
 
 import workerapp
 from cli_support import isolated, run_cli
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import delete_queue, require_redis, sync_client
 from taskprocessor import TaskProcessor, TaskState
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.cli import _CONFIGURATION
@@ -69,15 +69,6 @@ def one_error_line(err: str, label: str) -> str:
     assert err.startswith(f"{label}: error: "), err
     assert "Traceback" not in err
     return err.strip()
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    """A Redis queue of this test's own, deleted afterwards (skips without Redis)."""
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 def dead_letter(url: str, queue: str, count: int) -> list[str]:

@@ -13,13 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 import pytest
 
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import require_redis, sync_client
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +41,6 @@ def run(*argv: str, env: dict[str, str] | None = None) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr  # not the library's WARNING log lines
     return proc.stdout
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    """A Redis queue of the test's own, deleted afterwards."""
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 def test_crawler_fetches_every_page_once_through_a_tripped_breaker() -> None:

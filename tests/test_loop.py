@@ -20,7 +20,7 @@ import pytest
 
 import workerapp
 from cli_support import isolated
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import require_redis, sync_client
 from taskprocessor import TaskProcessor
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.cli import main
@@ -176,15 +176,6 @@ def test_run_worker_runs_on_uvloop_when_asked() -> None:
 
 
 # -- a worker process on each loop ---------------------------------------------------------
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    """A Redis queue of this test's own, deleted afterwards (skips without Redis)."""
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 def _counts(ledger: str) -> dict[int, int]:

@@ -23,7 +23,7 @@ from typing import Any, Final, final
 import pytest
 
 import workerapp
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import require_redis, sync_client
 from taskprocessor import TaskProcessor, TaskState
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
@@ -51,15 +51,6 @@ class Worker(WorkerProcess):
 
     def wait_ready(self, bound: float = BOUND) -> None:
         super().wait_ready(bound)
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    """A queue of this test's own; it and the ledger (same hash tag) are deleted after."""
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 @pytest.fixture

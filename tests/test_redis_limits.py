@@ -25,10 +25,8 @@ import redis
 
 import limitsapp
 from redis_support import (
-    delete_queue,
     eventually,
     make,
-    new_queue,
     require_redis,
     reserve,
     sync_client,
@@ -64,15 +62,6 @@ def lease_fields(queue: str, task_id: str) -> list[bytes]:
     with sync_client() as client:
         fields = client.hkeys(QueueKeys.of(queue).task(task_id))
     return sorted(f for f in fields if f in (b"lc", b"lk", b"lr", b"lq"))
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    """A queue of this test's own, deleted afterwards (limits, counters and all)."""
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 @contextlib.asynccontextmanager

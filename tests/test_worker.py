@@ -22,7 +22,7 @@ import pytest
 
 import workerapp
 from cli_support import run_cli, workerapp_broker_kept
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import require_redis, sync_client
 from taskprocessor import Autoscale, TaskProcessor, TaskState
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
@@ -44,15 +44,6 @@ def _restore_workerapp_broker() -> Iterator[None]:
     """The command line points workerapp's (module-level) app at a broker: undo it."""
     with workerapp_broker_kept():
         yield
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    """A Redis queue of this test's own, deleted afterwards (skips without Redis)."""
-    require_redis()
-    name = new_queue()
-    yield name
-    delete_queue(name)
 
 
 def fresh_app(queue: str) -> tuple[TaskProcessor, list[int]]:
