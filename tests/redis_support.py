@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any, Final, final
 import pytest
 import redis
 
+from taskprocessor.brokers._redis_store import QueueKeys, stored_fields
 from taskprocessor.brokers.base import Broker, BrokerStatistics
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.task import TaskRecord, TaskState
@@ -81,6 +83,40 @@ def sync_client() -> Any:
         yield client
     finally:
         client.close()
+
+
+def stored_task(client: Any, queue: str, task_id: str) -> dict[str, Any]:
+    """A task as Redis holds it: its record's fields, and its body under "body".
+
+    {} when neither is stored. The record may be past its expiry ("exp"), waiting for a
+    sweep: `expires_in_ms` tells.
+    """
+    keys = QueueKeys.of(queue)
+    fields = stored_fields(client.hget(keys.records, task_id))
+    body = client.hget(keys.bodies, task_id)
+    if body is not None:
+        fields["body"] = body
+    return fields
+
+
+def store_task(client: Any, queue: str, task_id: str, body: bytes | None, **fields: Any) -> None:
+    """Write a task's record (and its body, unless None) by hand, as a foreign tool might."""
+    keys = QueueKeys.of(queue)
+    client.hset(keys.records, task_id, json.dumps(fields))
+    if body is not None:
+        client.hset(keys.bodies, task_id, body)
+
+
+def expires_in_ms(client: Any, queue: str, task_id: str) -> int:
+    """How long a task's record has left, ms: -1 without an expiry, -2 when absent or past it."""
+    fields = stored_task(client, queue, task_id)
+    if not fields:
+        return -2
+    if "exp" not in fields:
+        return -1
+    seconds, micros = client.time()
+    left = int(fields["exp"]) - (seconds * 1000 + micros // 1000)
+    return left if left > 0 else -2
 
 
 @final

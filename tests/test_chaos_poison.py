@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import pytest
 
-from redis_support import require_redis, sync_client
+from redis_support import require_redis, store_task, sync_client
 from taskprocessor import TaskProcessor, TaskRecord, TaskState
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.codec import ENVELOPE_VERSION, TaskMessage, decode_task, encode_task
@@ -47,9 +47,8 @@ def inject(
         score = (100 - priority) * _PRIORITY_SPAN + int(client.incr(f"{keys.prefix}seq"))
         if body is not None:
             now_ms = int(time.time() * 1000)
-            fields = {"body": body, "state": "queued", "prio": priority, "attempt": attempt}
-            fields |= {"max": 1, "score": score, "rt": now_ms}
-            client.hset(keys.task(task_id), mapping=fields)
+            fields = {"state": "queued", "prio": priority, "attempt": attempt, "max": 1}
+            store_task(client, queue, task_id, body, **fields, score=str(score), rt=str(now_ms))
         client.zadd(keys.ready, {task_id: score})
         client.lpush(keys.wake, "1")
 

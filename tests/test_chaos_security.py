@@ -29,7 +29,7 @@ import pytest
 
 import taskprocessor
 from redis_server import RedisServer, free_port, redis_servers
-from redis_support import require_redis, sync_client
+from redis_support import require_redis, stored_task, sync_client
 from taskprocessor import (
     BrokerError,
     BrokerUnavailable,
@@ -105,7 +105,8 @@ async def test_what_redis_holds_is_versioned_json(queue: str) -> None:
         job = await echo.submit("é ☃ \u0000", 1.5)
         assert await job.result(timeout=BOUND) == {"text": "é ☃ \u0000", "number": 1.5}
     with sync_client() as client:
-        body, outcome = client.hmget(QueueKeys.of(queue).task(job.id), "body", "outcome")
+        stored = stored_task(client, queue, job.id)
+    body, outcome = stored.get("body"), stored.get("outcome", "").encode() or None
     assert body is not None
     assert outcome is not None
     for raw in (body, outcome):

@@ -27,7 +27,7 @@ from typing import Any, Final, final
 import pytest
 
 import chaosapp
-from redis_support import require_redis, sync_client
+from redis_support import require_redis, stored_task, sync_client
 from taskprocessor import TaskContext, TaskProcessor, TaskState, TaskTimeout
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
@@ -134,15 +134,11 @@ def submit(queue: str, calls: list[tuple[Any, ...]], name: str = "chaos.work") -
     return asyncio.run(produce())
 
 
-def task_fields(queue: str, ids: list[str], *fields: str) -> list[list[bytes | None]]:
-    """Read fields of each task's hash, in the order of ``ids``."""
-    keys = QueueKeys.of(queue)
+def task_fields(queue: str, ids: list[str], *fields: str) -> list[list[Any]]:
+    """Read fields of each task's record, in the order of ``ids``."""
     with sync_client() as client:
-        pipe = client.pipeline(transaction=False)
-        for task_id in ids:
-            pipe.hmget(keys.task(task_id), *fields)
-        rows: list[list[bytes | None]] = pipe.execute()
-    return rows
+        stored = [stored_task(client, queue, task_id) for task_id in ids]
+    return [[row.get(field) for field in fields] for row in stored]
 
 
 def queue_is_empty(queue: str) -> bool:
@@ -194,7 +190,7 @@ def test_sigkilled_worker_loses_nothing_and_only_its_running_tasks_run_again(
     ran_twice = {i for i, count in started.items() if count > 1}
     ended_twice = {i for i, count in finished.items() if count > 1}
 
-    assert states == {TaskState.SUCCEEDED.value.encode()}  # every task, exactly one outcome
+    assert states == {TaskState.SUCCEEDED.value}  # every task, exactly one outcome
     assert set(finished) == set(range(n))  # none lost
     assert held <= redelivered  # what was running on the victim ran again elsewhere
     assert 1 <= len(redelivered) <= concurrency  # no more than the victim could hold
@@ -276,7 +272,7 @@ def test_sigterm_with_a_hung_thread_still_exits_soon_after_the_grace_period(
     [[state]] = task_fields(queue, [task_id], "state")
     report(request, grace_s=grace, blocked_s=seconds, exit_took_s=round(took, 2))
     assert status == 0
-    assert state == TaskState.QUEUED.value.encode()  # handed back for another worker
+    assert state == TaskState.QUEUED.value  # handed back for another worker
     assert took < grace + 3.0
 
 

@@ -28,7 +28,7 @@ import redis
 
 import workerapp
 from cli_support import isolated, run_cli
-from redis_support import delete_queue, require_redis, sync_client
+from redis_support import delete_queue, require_redis, stored_task, sync_client
 from taskprocessor import TaskProcessor, TaskState
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.cli import _CONFIGURATION
@@ -597,10 +597,10 @@ async def test_with_queues_keeps_the_attempt_bounds(guarded_redis: str) -> None:
         await twin.aclose()
     client = redis.Redis.from_url(guarded_redis)
     try:
-        bounds = [client.hget(f"{{tp:mail}}:t:{r.id}", "max") for r in records]
+        bounds = [stored_task(client, "mail", r.id)["max"] for r in records]
     finally:
         client.close()
-    assert bounds == [b"2", b"5"]
+    assert bounds == [2, 5]
 
 
 def test_with_queues_makes_an_independent_twin() -> None:

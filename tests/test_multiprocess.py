@@ -23,7 +23,7 @@ from typing import Any, Final, final
 import pytest
 
 import workerapp
-from redis_support import require_redis, sync_client
+from redis_support import require_redis, stored_task, sync_client
 from taskprocessor import TaskProcessor, TaskState
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
@@ -209,10 +209,9 @@ def test_grace_period_over_hands_the_running_task_back(
     assert status == 0, worker.text()
     assert took < grace + 3.0
     assert "grace period over, 1 interrupted and handed back" in worker.text()
-    task = QueueKeys.of(queue).task(task_id)
     with sync_client() as client:
-        assert client.hget(task, "state") == TaskState.QUEUED.value.encode()
-        assert client.hget(task, "attempt") == b"1"
+        stored = stored_task(client, queue, task_id)
+    assert (stored["state"], stored["attempt"]) == (TaskState.QUEUED.value, 1)
     assert counts(ledger) == {}  # it never finished
 
 

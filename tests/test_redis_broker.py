@@ -26,11 +26,14 @@ from redis_support import (
     RedisHarness,
     delete_queue,
     eventually,
+    expires_in_ms,
     finished,
     make,
     new_queue,
     require_redis,
     reserve,
+    store_task,
+    stored_task,
     sync_client,
 )
 from taskprocessor import TaskProcessor, TaskState
@@ -61,10 +64,9 @@ from taskprocessor.testing import FakeClock
 BOUND = 10.0  # real seconds before a wait fails the test instead of hanging
 
 
-def task_hash(queue: str, task_id: str) -> dict[bytes, bytes]:
+def task_hash(queue: str, task_id: str) -> dict[str, Any]:
     with sync_client() as client:
-        result: dict[bytes, bytes] = client.hgetall(QueueKeys.of(queue).task(task_id))
-        return result
+        return stored_task(client, queue, task_id)
 
 
 # -- URLs, settings, selection by URL (no server needed) --------------------------------
@@ -579,7 +581,7 @@ async def test_get_from_another_process_watches_the_task_until_it_ends() -> None
 
 
 async def test_finished_tasks_expire_after_result_ttl() -> None:
-    """A finished task's hash lives result_ttl seconds; with result_ttl=0 it is deleted."""
+    """A finished task's record lives result_ttl seconds; with result_ttl=0 it is deleted."""
     harness = RedisHarness(require_redis())
     async with (
         harness.open_redis(result_ttl=120.0) as keeper,
@@ -591,8 +593,37 @@ async def test_finished_tasks_expire_after_result_ttl() -> None:
             got = await reserve(broker)
             await broker.ack(got, TaskState.SUCCEEDED, result=1)
             with sync_client() as client:
-                ttl = client.pttl(QueueKeys.of(harness.queue).task(record.id))
+                ttl = expires_in_ms(client, harness.queue, record.id)
             assert (110_000 < ttl <= 120_000) if alive else ttl == -2
+
+
+async def test_an_expired_record_reads_as_absent_and_is_swept_later() -> None:
+    """Past result_ttl a task is unknown at once; a later script deletes its record and
+    body; an id submitted again in between keeps its new record through that sweep."""
+    harness = RedisHarness(require_redis())
+    keys = QueueKeys.of(harness.queue)
+    async with harness.open_redis(result_ttl=0.05) as broker:
+        first, reused = make(harness.queue), make(harness.queue)
+        await broker.enqueue_many([first, reused])
+        for _ in range(2):
+            await broker.ack(await reserve(broker), TaskState.SUCCEEDED)
+        with sync_client() as client:
+            await eventually(
+                lambda: {expires_in_ms(client, harness.queue, r.id) for r in (first, reused)}
+                == {-2},
+                "both expired",
+            )
+            assert client.hget(keys.records, first.id) is not None  # not swept yet
+        assert await broker.get(first.id) is None
+        again = TaskRecord("job", (), {}, queue=harness.queue, task_id=reused.id)
+        await broker.enqueue(again)  # accepted: the old record is gone for every reader
+        assert again.state is TaskState.QUEUED
+        await broker.ack(await reserve(broker), TaskState.SUCCEEDED)  # reused.id: runs again
+        with sync_client() as client:
+            assert client.hmget(keys.records, first.id) == [None]
+            assert client.hget(keys.bodies, first.id) is None
+            assert stored_task(client, harness.queue, reused.id)["state"] == "succeeded"
+            assert client.zscore(f"{keys.prefix}exp", first.id) is None
 
 
 async def test_stored_task_is_a_json_envelope_never_pickle() -> None:
@@ -602,14 +633,14 @@ async def test_stored_task_is_a_json_envelope_never_pickle() -> None:
         record = TaskRecord("app.f", (1, [2]), {"x": "y"}, queue=harness.queue, priority=80)
         await broker.enqueue(record)
         stored = task_hash(harness.queue, record.id)
-        envelope = json.loads(stored[b"body"])
+        envelope = json.loads(stored["body"])
         assert envelope["v"] == 1
         assert (envelope["name"], envelope["args"], envelope["kwargs"]) == (
             "app.f",
             [1, [2]],
             {"x": "y"},
         )
-        assert (stored[b"state"], stored[b"attempt"], stored[b"prio"]) == (b"queued", b"0", b"80")
+        assert (stored["state"], stored["attempt"], stored["prio"]) == ("queued", 0, 80)
 
 
 # -- leases, recovery, fencing ---------------------------------------------------------------
@@ -634,9 +665,9 @@ async def test_expired_lease_makes_the_task_ready_again_with_one_more_attempt() 
         assert await finished(record) is TaskState.SUCCEEDED
         await worker.ack(got, TaskState.SUCCEEDED, result="first")  # the stale lease
         assert worker.refused == 1
-        assert (record.result, task_hash(harness.queue, record.id)[b"state"]) == (
+        assert (record.result, task_hash(harness.queue, record.id)["state"]) == (
             "second",
-            b"succeeded",
+            "succeeded",
         )
 
 
@@ -771,8 +802,8 @@ async def test_join_and_shutdown_wait_for_successes_still_being_recorded() -> No
             release.set()  # they end as the shutdown begins: their acks are still to land
         with sync_client() as client:
             assert client.hget(f"{keys.prefix}stats", "finished") == b"208"
-            states = {client.hget(keys.task(h.id), "state") for h in last}
-        assert states == {b"succeeded"}
+            states = {stored_task(client, queue, h.id)["state"] for h in last}
+        assert states == {"succeeded"}
         assert [await h.result(timeout=BOUND) for h in handles] == list(range(200))
     finally:
         delete_queue(queue)
@@ -792,7 +823,7 @@ async def test_retry_and_release_after_losing_the_lease_change_nothing() -> None
                 await first.retry(stale, harness.clock.now())
             else:
                 await first.release(stale)
-            assert task_hash(harness.queue, record.id)[b"state"] == b"running"
+            assert task_hash(harness.queue, record.id)["state"] == "running"
             await second.ack(current, TaskState.SUCCEEDED)
         assert first.refused == 2
 
@@ -895,7 +926,8 @@ async def test_heartbeat_notices_a_cancel_whose_message_was_missed() -> None:
         await broker.enqueue(record)
         got = await reserve(broker)
         with sync_client() as client:  # what cancel() does, minus the message
-            client.hset(QueueKeys.of(harness.queue).task(record.id), "cancel", "1")
+            fields = stored_task(client, harness.queue, record.id)
+            store_task(client, harness.queue, record.id, fields.pop("body"), **fields, cancel="1")
         await eventually(lambda: told == [record.id], "the heartbeat reports the cancel")
         await broker.ack(
             got, TaskState.CANCELLED, error=TaskCancelled(task_id=got.id, task_name="job")
@@ -940,8 +972,7 @@ async def test_poison_messages_are_dead_lettered_with_a_reason_and_work_goes_on(
         }
         with sync_client() as client:
             for task_id, body in poison.items():
-                if body is not None:
-                    client.hset(keys.task(task_id), mapping={"body": body, "state": "queued"})
+                store_task(client, harness.queue, task_id, body, state="queued")
                 client.zadd(keys.ready, {task_id: 1})  # ahead of everything
         got = await reserve(worker)
         assert got.id == good.id  # the worker carried on past every poison message

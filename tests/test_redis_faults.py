@@ -29,7 +29,7 @@ import pytest
 
 import workerapp
 from redis_server import RedisServer
-from redis_support import delete_queue, new_queue, require_redis, sync_client
+from redis_support import delete_queue, new_queue, require_redis, stored_task, sync_client
 from taskprocessor import Autoscale, TaskFailed, TaskProcessor, TaskState
 from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
@@ -352,7 +352,7 @@ async def test_outcome_published_while_unsubscribed_still_settles_the_handle(
         worker, _ = processor(server.url, queue)
         async with worker.run(workers=1):
             await eventually(
-                lambda: server_state(server, queue, job.id) == b"succeeded", "the task done"
+                lambda: server_state(server, queue, job.id) == "succeeded", "the task done"
             )
         assert not job.done()  # its outcome message went nowhere
         await pubsub.subscribe(broker._channel)  # confirmed: the listener sweeps
@@ -362,7 +362,7 @@ async def test_outcome_published_while_unsubscribed_still_settles_the_handle(
 
 def server_state(server: RedisServer, queue: str, task_id: str) -> object:
     with server.client() as client:
-        return client.hget(QueueKeys.of(queue).task(task_id), "state")
+        return stored_task(client, queue, task_id).get("state")
 
 
 async def test_task_lost_with_a_restart_without_persistence_fails_its_handle(

@@ -300,7 +300,7 @@ async def test_a_stale_handed_off_task_is_dropped_not_run() -> None:
         # already past, and a lease that recovery has taken back (the token is gone).
         keys = QueueKeys.of(harness.queue)
         with sync_client() as client:
-            body = client.hget(keys.task(record.id), "body")
+            body = client.hget(keys.bodies, record.id)
         item = b"7 1000 0 1000 %d\n%b%b" % (len(record.id), record.id.encode(), body)
         fresh = Freshness(2_000_000, time.monotonic(), 30_000)  # the server's clock, ms
         taken: list[TaskRecord] = []

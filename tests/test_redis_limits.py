@@ -29,6 +29,8 @@ from redis_support import (
     make,
     require_redis,
     reserve,
+    store_task,
+    stored_task,
     sync_client,
 )
 from taskprocessor import (
@@ -58,10 +60,10 @@ def held(queue: str, name: str, keys: Iterable[str] = ()) -> dict[str, int]:
 
 
 def lease_fields(queue: str, task_id: str) -> list[bytes]:
-    """The global-limit fields a task's hash holds (what its lease took)."""
+    """The global-limit fields a task's record holds (what its lease took)."""
     with sync_client() as client:
-        fields = client.hkeys(QueueKeys.of(queue).task(task_id))
-    return sorted(f for f in fields if f in (b"lc", b"lk", b"lr", b"lq"))
+        fields = stored_task(client, queue, task_id)
+    return sorted(f.encode() for f in fields if f in ("lc", "lk", "lr", "lq"))
 
 
 @contextlib.asynccontextmanager
@@ -288,14 +290,16 @@ async def test_a_task_stored_without_its_name_is_read_from_its_body(queue: str) 
         await broker.enqueue_many([first, second])
         with sync_client() as client:
             for record in (first, second):
-                client.hdel(QueueKeys.of(queue).task(record.id), "name", "ckey")
+                fields = stored_task(client, queue, record.id)
+                del fields["name"], fields["ckey"]
+                store_task(client, queue, record.id, fields.pop("body"), **fields)
         records, drained, _ = await broker._consumer.claim(2)
         assert [r.id for r in records] == [first.id]
         assert drained
         assert held(queue, "job", ["k"]) == {"ck:3:job:k": 1}
         with sync_client() as client:
-            fields = client.hmget(QueueKeys.of(queue).task(second.id), "name", "ckey")
-        assert fields == [b"job", b"k"]
+            learnt = stored_task(client, queue, second.id)
+        assert (learnt["name"], learnt["ckey"]) == ("job", "k")
         await broker.ack(records[0], TaskState.SUCCEEDED)
 
 

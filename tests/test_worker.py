@@ -22,9 +22,8 @@ import pytest
 
 import workerapp
 from cli_support import run_cli, workerapp_broker_kept
-from redis_support import require_redis, sync_client
+from redis_support import require_redis, stored_task, sync_client
 from taskprocessor import Autoscale, TaskProcessor, TaskState
-from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.errors import ConfigurationError, ProcessorClosed
 from taskprocessor.worker import (
@@ -397,8 +396,8 @@ async def test_task_retry_policy_bounds_attempts_lost_with_a_worker(queue: str) 
     finally:
         await app.broker.aclose()
     with sync_client() as client:
-        bounds = [client.hget(QueueKeys.of(queue).task(job.id), "max") for job in jobs]
-    assert bounds == [b"3", b"1"]
+        bounds = [stored_task(client, queue, job.id)["max"] for job in jobs]
+    assert bounds == [3, 1]
 
 
 async def test_unique_key_returns_the_existing_job(queue: str) -> None:

@@ -10,11 +10,12 @@ comes back as a placeholder named ``<undecodable>``, a count as 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, final
 
 from taskprocessor.brokers._redis_results import Waiting
 from taskprocessor.brokers._redis_shared import Shared
-from taskprocessor.brokers._redis_store import QueueKeys
+from taskprocessor.brokers._redis_store import QueueKeys, read_tasks, stored_fields
 from taskprocessor.brokers.base import BrokerStatistics
 from taskprocessor.brokers.codec import decode_outcome, decode_stored, rebuild_error
 from taskprocessor.task import TaskRecord, TaskState
@@ -111,10 +112,11 @@ class Admin:
         records: list[TaskRecord] = []
         offset = self._shared.offset
         for keys in self._shared.queues:
-            for task_id, (body, outcome, dead, attempt) in await self._dead_rows(keys):
+            for task_id, body, fields in await self._dead_rows(keys):
                 record = decode_stored(body or b"", task_id=task_id, offset=offset)
-                record.attempt = _count(attempt)
-                record.dead_letter_reason = (dead or b"").decode() or None
+                record.attempt = _count(fields.get("attempt"))
+                record.dead_letter_reason = str(fields.get("dead") or "") or None
+                outcome = fields.get("outcome")
                 record.state = TaskState.FAILED
                 if outcome:
                     decoded = decode_outcome(outcome)
@@ -123,19 +125,17 @@ class Admin:
                 records.append(record)
         return records
 
-    async def _dead_rows(self, keys: QueueKeys) -> list[tuple[str, list[bytes | None]]]:
-        """A queue's dead letters, oldest first: (id, [body, outcome, reason, attempt])."""
+    async def _dead_rows(self, keys: QueueKeys) -> list[tuple[str, bytes | None, dict[str, Any]]]:
+        """A queue's dead letters, oldest first: (id, body, the record's fields)."""
         store = self._shared.store
         ids: list[bytes] = (await store.commands(lambda pipe: pipe.zrange(keys.dead, 0, -1)))[0]
         if not ids:
             return []
-
-        def fill(pipe: Any) -> None:
-            for raw in ids:
-                pipe.hmget(keys.task(raw.decode()), "body", "outcome", "dead", "attempt")
-
-        rows = await store.commands(fill)
-        return [(raw.decode(), row) for raw, row in zip(ids, rows, strict=True)]
+        records, bodies = await store.commands(partial(read_tasks, keys=keys, ids=ids))
+        return [
+            (raw.decode(), body, stored_fields(record))
+            for raw, record, body in zip(ids, records, bodies, strict=True)
+        ]
 
     async def requeue_dead_letter(self, task_id: str) -> TaskRecord:
         """Queue a dead letter again with attempts counted from zero.
@@ -148,7 +148,7 @@ class Admin:
         for keys in shared.queues:
             body = await shared.call(
                 "requeue",
-                [keys.task(task_id), keys.dead, keys.ready],
+                [keys.dead, keys.ready],
                 [keys.prefix, task_id, shared.wall_ms(now), shared.channel],
             )
             if body is None:
@@ -185,30 +185,30 @@ class Admin:
             if not leased:
                 continue
 
-            def fill(pipe: Any, k: QueueKeys = keys, ids: list[Any] = leased) -> None:
-                for raw, _ in ids:
-                    pipe.hmget(k.task(raw.decode()), "body", "attempt", "worker")
-
-            rows = await store.commands(fill)
-            for (raw, deadline_ms), (body, attempt, worker) in zip(leased, rows, strict=True):
-                task_id = raw.decode()
+            ids = [raw for raw, _ in leased]
+            records, bodies = await store.commands(partial(read_tasks, keys=keys, ids=ids))
+            for (raw, deadline_ms), stored, body in zip(leased, records, bodies, strict=True):
+                task_id, fields = raw.decode(), stored_fields(stored)
                 record = decode_stored(body or b"", task_id=task_id, offset=shared.offset)
+                worker = fields.get("worker")
                 found.append(
                     RunningTask(
                         id=task_id,
                         name=record.name,
                         queue=keys.queue,
-                        attempt=_count(attempt),
+                        attempt=_count(fields.get("attempt")),
                         lease_expires_in=float(deadline_ms) / 1000 - now,
-                        worker=worker.decode() if worker else None,
+                        worker=str(worker) if worker else None,
                     )
                 )
         return found
 
 
-def _count(raw: bytes | None) -> int:
+def _count(raw: object) -> int:
     """A stored count, or 0 when it is missing or unreadable."""
-    try:
-        return int(raw or 0)
-    except ValueError:
-        return 0
+    if isinstance(raw, int | str | bytes):
+        try:
+            return int(raw or 0)
+        except ValueError:
+            return 0
+    return 0

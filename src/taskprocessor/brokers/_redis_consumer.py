@@ -334,7 +334,7 @@ class Consumer:
             partial(
                 shared.store.call_batched,
                 "retry",
-                [keys.task(record.id), keys.leases, keys.ready, keys.delayed],
+                [keys.leases, keys.ready, keys.delayed],
                 [
                     keys.prefix,
                     record.id,

@@ -203,7 +203,9 @@ async def sweep(shared: Shared, waiting: Waiting) -> None:
 
         def fill(pipe: Any, calls: list[tuple[str, QueueKeys]] = chunk) -> None:
             for task_id, keys in calls:
-                store.scripts.queue(pipe, "get", [keys.task(task_id)], [shared.channel])
+                store.scripts.queue(
+                    pipe, "get", [keys.records], [keys.prefix, task_id, shared.channel]
+                )
 
         replies = await store.commands(fill)
         for (task_id, _), reply in zip(chunk, replies, strict=True):
@@ -227,7 +229,7 @@ async def refresh(shared: Shared, waiting: Waiting, task_id: str) -> TaskRecord 
     record = waiting.get(task_id)
     queues = [shared.keys(record.queue)] if record is not None else shared.known()
     for keys in queues:
-        reply = await shared.call("get", [keys.task(task_id)], [shared.channel])
+        reply = await shared.call("get", [keys.records], [keys.prefix, task_id, shared.channel])
         if reply is not None:
             return waiting.absorb(task_id, reply, shared.offset)
     return None

@@ -7,11 +7,14 @@ queue on one shard and each script touches one slot::
     {tp:q}:delayed     ZSET    id -> due time, ms
     {tp:q}:leases      ZSET    id -> lease deadline, ms on the server's clock
     {tp:q}:dead        ZSET    id -> sequence (oldest dead letter first)
-    {tp:q}:t:<id>      HASH    the task: body, name, ckey (its concurrency key), prio,
-                               max (attempts), state, attempt, lost (leases lost),
-                               token, score, rt (ready since, ms), cancel, reply,
-                               watch, outcome, dead (reason), and the global limits
-                               its lease holds: lc, lk, lr, lq (see _redis_limits)
+    {tp:q}:rec         HASH    id -> the task's record, a JSON object: name, ckey (its
+                               concurrency key), prio, max (attempts), state, attempt,
+                               lost (leases lost), token, score, rt (ready since, ms),
+                               worker, cancel, reply, watch, outcome, dead (reason), exp
+                               (expiry, ms), and the global limits its lease holds:
+                               lc, lk, lr, lq (see _redis_limits)
+    {tp:q}:body        HASH    id -> the task's body
+    {tp:q}:exp         ZSET    id -> expiry of a finished task's record and body, ms
     {tp:q}:u:<key>     STRING  the id of the task holding a unique key, with a TTL
     {tp:q}:seq         STRING  counter: ready and dead-letter order
     {tp:q}:fence       STRING  counter: lease tokens
@@ -40,14 +43,19 @@ And one key per producer, outside any queue's slot::
 
     tp:reply:<name>    pub/sub channel: outcomes of the tasks it submitted or looks up
 
-A finished task's hash expires after ``result_ttl``; a dead letter's never does. Each
-state transition is one script in ``lua/`` (with ``_common.lua`` in front of it).
+A queue's tasks share two hashes, so that a script reads and writes the tasks of a
+batch with one command per hash, whatever the batch's size: a drain costs a few commands
+per claim and per ack, not per task. A finished task's record and body expire after
+``result_ttl`` (a record past its expiry reads as absent; scripts delete such records in
+batches); a dead letter's never do. Each state transition is one script in ``lua/``
+(with ``_common.lua`` in front of it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,7 +80,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'the Redis broker needs redis-py: pip install "taskprocessor[redis]"'
     ) from exc
 
-__all__ = ["SCRIPT_NAMES", "QueueKeys", "Scripts", "Store", "cancel_and_wait", "load_sources"]
+__all__ = [
+    "SCRIPT_NAMES",
+    "QueueKeys",
+    "Scripts",
+    "Store",
+    "cancel_and_wait",
+    "load_sources",
+    "read_tasks",
+    "stored_fields",
+]
 
 logger = logging.getLogger("taskprocessor.brokers.redis")
 
@@ -122,22 +139,46 @@ class QueueKeys:
     dead: str
     wake: str
     cancel_channel: str
+    records: str
+    bodies: str
 
     @classmethod
     def of(cls, queue: str) -> QueueKeys:
         """Return the keys of ``queue``."""
         p = f"{{tp:{queue}}}:"
         return cls(
-            queue, p, f"{p}ready", f"{p}delayed", f"{p}leases", f"{p}dead", f"{p}wake", f"{p}cancel"
+            queue,
+            p,
+            f"{p}ready",
+            f"{p}delayed",
+            f"{p}leases",
+            f"{p}dead",
+            f"{p}wake",
+            f"{p}cancel",
+            f"{p}rec",
+            f"{p}body",
         )
-
-    def task(self, task_id: str) -> str:
-        """Return the key of a task's hash."""
-        return f"{self.prefix}t:{task_id}"
 
     def unique(self, key: str) -> str:
         """Return the key that holds a unique key's task id."""
         return f"{self.prefix}u:{key}"
+
+
+def stored_fields(raw: bytes | str | None) -> dict[str, Any]:
+    """A task's record as stored in ``{tp:q}:rec``: its fields, or {} when absent or unreadable."""
+    if raw is None:
+        return {}
+    try:
+        fields = json.loads(raw)
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def read_tasks(pipe: Any, keys: QueueKeys, ids: Sequence[str | bytes]) -> None:
+    """Queue the reads of tasks' records and bodies (two replies: records, then bodies)."""
+    pipe.hmget(keys.records, list(ids))
+    pipe.hmget(keys.bodies, list(ids))
 
 
 def load_sources() -> dict[str, str]:

@@ -206,7 +206,7 @@ class Submitter:
                 partial(
                     shared.call,
                     "cancel",
-                    [keys.task(task_id), keys.ready, keys.delayed],
+                    [keys.ready, keys.delayed],
                     [
                         keys.prefix,
                         task_id,

@@ -1,13 +1,33 @@
 -- Helpers shared by every script: the loader puts this file in front of each one.
 --
--- Keys of one queue share the hash tag {tp:<queue>} and so one cluster slot; the
--- per-task hash <prefix>t:<id> is built here from ARGV, in that same slot.
--- Numbers bound for Redis are formatted with %.0f: Lua's own tostring keeps 14
--- digits only, and a ready score needs 16.
+-- Keys of one queue share the hash tag {tp:<queue>} and so one cluster slot. ARGV[1] of
+-- every script is the queue's key prefix. A queue's tasks live in two hashes of that
+-- slot, so that a script reads or writes the tasks of a whole batch with one command,
+-- whatever the batch's size:
+--   <prefix>rec   id -> the task's record: a JSON object of the fields below
+--   <prefix>body  id -> the task's body, as submitted
+-- A finished task's record holds its expiry (exp, ms on the server's clock) and is listed
+-- in <prefix>exp (id -> exp); a record past its expiry reads as absent at once, and
+-- sweep() deletes such records in batches.
+--
+-- Record fields: state, attempt, prio, max (attempts), name, ckey (its concurrency key),
+-- reply (the producer's channel), watch (more channels, space-separated), score (its
+-- ready score), rt (ready since, ms), token (its lease's), worker, lost (leases lost),
+-- cancel, outcome, dead (the dead-letter reason), exp, and the global limits its lease
+-- holds: lc, lk, lr, lq (see release_limits). Numbers of more than 14 digits (score,
+-- token) are strings: cjson, like Lua's tostring, keeps 14 digits, and a score needs 16.
+--
+-- A script loads the records it needs (load, load_many: one HMGET per batch), changes
+-- them as tables (save, expire, drop) and writes every change at the end with flush():
+-- one HDEL and one HSET per hash, whatever the number of tasks.
 
 local PRIORITY_SPAN = 70368744177664 -- 2^46 sequence numbers per priority level
 
 local FINAL = {succeeded = true, failed = true, timed_out = true, cancelled = true, expired = true}
+
+local PREFIX = ARGV[1] or ''
+local RECORDS, BODIES, EXPIRY = PREFIX .. 'rec', PREFIX .. 'body', PREFIX .. 'exp'
+local BATCH = 1000 -- ids per command: unpack() has a limit, and so has the Lua stack
 
 local function int(n)
   return string.format('%.0f', n)
@@ -18,8 +38,144 @@ local function server_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function task_key(prefix, id)
-  return prefix .. 't:' .. id
+-- The server's clock, read once per script: expiries are compared against it.
+local clock_ms = nil
+local function clock()
+  if not clock_ms then
+    clock_ms = server_ms()
+  end
+  return clock_ms
+end
+
+-- Run command(key, ...) over items in slices of at most BATCH * per items.
+local function in_slices(command, key, items, per)
+  local size = BATCH * (per or 1)
+  for first = 1, #items, size do
+    redis.call(command, key, unpack(items, first, math.min(first + size - 1, #items)))
+  end
+end
+
+-- The records this script has read or changed: id -> table, or false when absent.
+local cache, dirty, gone, expiring = {}, {}, {}, {}
+
+local function decode_record(raw)
+  if not raw then
+    return false
+  end
+  local ok, r = pcall(cjson.decode, raw)
+  if not ok or type(r) ~= 'table' then
+    return {} -- unreadable (written by a foreign tool): a task with no known fields
+  end
+  if r.exp and tonumber(r.exp) <= clock() then
+    return false -- expired, waiting for a sweep
+  end
+  return r
+end
+
+-- The record of a task, or nil when there is none.
+local function load(id)
+  local r = cache[id]
+  if r == nil then
+    r = decode_record(redis.call('HGET', RECORDS, id))
+    cache[id] = r
+  end
+  return r or nil
+end
+
+-- Read the records of ids in one HMGET (per BATCH); load() then answers from memory.
+local function load_many(ids)
+  local missing = {}
+  for _, id in ipairs(ids) do
+    if cache[id] == nil then
+      missing[#missing + 1] = id
+    end
+  end
+  for first = 1, #missing, BATCH do
+    local last = math.min(first + BATCH - 1, #missing)
+    local raws = redis.call('HMGET', RECORDS, unpack(missing, first, last))
+    for i = first, last do
+      cache[missing[i]] = decode_record(raws[i - first + 1])
+    end
+  end
+end
+
+-- The bodies of ids, in order (false where there is none).
+local function bodies(ids)
+  local out = {}
+  for first = 1, #ids, BATCH do
+    local last = math.min(first + BATCH - 1, #ids)
+    local raws = redis.call('HMGET', BODIES, unpack(ids, first, last))
+    for i = first, last do
+      out[i] = raws[i - first + 1]
+    end
+  end
+  return out
+end
+
+local function save(id, r)
+  cache[id] = r
+  if not dirty[id] then
+    dirty[id] = true
+    dirty[#dirty + 1] = id
+  end
+end
+
+-- Delete a task: its record and its body.
+local function drop(id)
+  cache[id] = false
+  gone[#gone + 1] = id
+end
+
+-- Keep a finished task's record for ttl_ms more.
+local function expire(id, r, ttl_ms)
+  r.exp = int(clock() + tonumber(ttl_ms))
+  expiring[#expiring + 1] = r.exp
+  expiring[#expiring + 1] = id
+  save(id, r)
+end
+
+-- Delete up to limit expired records (an id listed in exp whose record was written anew
+-- since, by a submit reusing the id, is only taken off the list).
+local function sweep(limit)
+  local due = redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', clock(), 'LIMIT', 0, limit)
+  if #due == 0 then
+    return
+  end
+  in_slices('ZREM', EXPIRY, due)
+  load_many(due)
+  for _, id in ipairs(due) do
+    if not cache[id] then
+      drop(id)
+    end
+  end
+end
+
+-- Write every change this script made: deletions, then records, then expiries.
+local function flush()
+  local deleted = {}
+  for _, id in ipairs(gone) do
+    if cache[id] == false then
+      deleted[#deleted + 1] = id
+    end
+  end
+  if #deleted > 0 then
+    in_slices('HDEL', RECORDS, deleted)
+    in_slices('HDEL', BODIES, deleted)
+  end
+  local writes = {}
+  for _, id in ipairs(dirty) do
+    local r = cache[id]
+    if r then
+      writes[#writes + 1] = id
+      writes[#writes + 1] = cjson.encode(r)
+    end
+  end
+  if #writes > 0 then
+    in_slices('HSET', RECORDS, writes, 2)
+  end
+  if #expiring > 0 then
+    in_slices('ZADD', EXPIRY, expiring, 2)
+  end
 end
 
 -- The ready score: higher priority first, then FIFO by a queue-wide sequence.
@@ -38,9 +194,8 @@ local function wake(prefix)
 end
 
 -- Tell the producer (and anyone who looked the task up) how the task ended.
-local function publish(h, message)
-  local fields = redis.call('HMGET', h, 'reply', 'watch')
-  local reply, watchers = fields[1], fields[2]
+local function publish(r, message)
+  local reply, watchers = r.reply, r.watch
   if reply then
     redis.call('PUBLISH', reply, message)
   end
@@ -53,42 +208,42 @@ local function publish(h, message)
   end
 end
 
-local function make_ready(prefix, h, id, now)
-  local score = redis.call('HGET', h, 'score')
+local function make_ready(prefix, id, r, now)
+  local score = r.score
   if not score then
-    score = ready_score(prefix, redis.call('HGET', h, 'prio') or 50)
+    score = ready_score(prefix, r.prio or 50)
   end
   redis.call('ZADD', prefix .. 'ready', score, id)
-  redis.call('HSET', h, 'state', 'queued', 'score', score, 'rt', int(now))
-  redis.call('HDEL', h, 'token')
+  r.state, r.score, r.rt, r.token = 'queued', score, int(now), nil
+  save(id, r)
 end
 
--- A final state: store the outcome, publish it, keep the hash for result_ttl_ms.
-local function finish(prefix, h, state, outcome, result_ttl_ms)
-  redis.call('HSET', h, 'state', state, 'outcome', outcome)
+-- A final state: store the outcome, publish it, keep the record for result_ttl_ms.
+local function finish(prefix, id, r, state, outcome, result_ttl_ms)
+  r.state, r.outcome = state, outcome
   redis.call('HINCRBY', prefix .. 'stats', 'finished', 1)
-  publish(h, outcome)
+  publish(r, outcome)
   if tonumber(result_ttl_ms) > 0 then
-    redis.call('PEXPIRE', h, result_ttl_ms)
+    expire(id, r, result_ttl_ms)
   else
-    redis.call('DEL', h)
+    drop(id)
   end
 end
 
 -- A final state kept in the dead letters (no expiry); returns ids dropped past the bound.
-local function bury(prefix, h, id, state, outcome, reason, max_dead)
-  redis.call('HSET', h, 'state', state, 'outcome', outcome, 'dead', reason)
-  redis.call('PERSIST', h)
+local function bury(prefix, id, r, state, outcome, reason, max_dead)
+  r.state, r.outcome, r.dead, r.exp = state, outcome, reason, nil
+  save(id, r)
   local dead = prefix .. 'dead'
   redis.call('ZADD', dead, redis.call('INCR', prefix .. 'seq'), id)
   redis.call('HINCRBY', prefix .. 'stats', 'finished', 1)
-  publish(h, outcome)
+  publish(r, outcome)
   local dropped = {}
   local extra = redis.call('ZCARD', dead) - tonumber(max_dead)
   if extra > 0 then
     local oldest = redis.call('ZPOPMIN', dead, extra)
     for i = 1, #oldest, 2 do
-      redis.call('DEL', task_key(prefix, oldest[i]))
+      drop(oldest[i])
       dropped[#dropped + 1] = oldest[i]
     end
   end
@@ -103,19 +258,17 @@ local function outcome_json(id, state, attempt, error_fields, dead_reason)
   })
 end
 
--- Global limits (see _redis_limits.py). A claim records in the task hash what its lease
--- holds: concurrency counters (lc, lk) and rate limit tokens ('<interval_us> <key>' in
--- lr, lq). The script that ends the lease gives them back once; a release (the task
--- never started) also refunds the tokens. A freed slot wakes an idle worker process, as
--- tasks held back by a full concurrency limit wait for nothing else.
-local LIMIT_FIELDS = {'lc', 'lk', 'lr', 'lq'}
-
-local function release_limits(prefix, h, refund)
-  local f = redis.call('HMGET', h, unpack(LIMIT_FIELDS))
+-- Global limits (see _redis_limits.py). A claim records in the task's record what its
+-- lease holds: concurrency counters (lc, lk) and rate limit tokens ('<interval_us> <key>'
+-- in lr, lq). The script that ends the lease gives them back once (and saves the record);
+-- a release (the task never started) also refunds the tokens. A freed slot wakes an idle
+-- worker process, as tasks held back by a full concurrency limit wait for nothing else.
+local function release_limits(prefix, r, refund)
+  local f = {r.lc, r.lk, r.lr, r.lq}
   if not (f[1] or f[2] or f[3] or f[4]) then
     return
   end
-  redis.call('HDEL', h, unpack(LIMIT_FIELDS))
+  r.lc, r.lk, r.lr, r.lq = nil, nil, nil, nil
   for i = 1, 2 do
     if f[i] and redis.call('DECR', f[i]) <= 0 then
       redis.call('DEL', f[i])

@@ -5,12 +5,13 @@
 -- Returns one reply per ack, in order: {1, dropped dead letter ids...} when recorded,
 -- {2, state} when this very lease already recorded it (a repeated call), {0, state}
 -- when the token is stale.
--- Per task it reads and writes the task hash once and sets its expiry; the lease
--- removals, the finished count and the outcome messages (one per reply channel, the
--- outcomes joined by newlines) go once per call.
+-- The records of the call are read with one HMGET and written with one HSET; the lease
+-- removals, the expiries, the finished count and the outcome messages (one per reply
+-- channel, the outcomes joined by newlines) go once per call too.
 local leases = KEYS[1]
 local prefix, result_ttl_ms, max_dead = ARGV[1], ARGV[2], ARGV[3]
 local keep = tonumber(result_ttl_ms) > 0
+local acks = cjson.decode(ARGV[4])
 local replies, ended, channels, messages = {}, {}, {}, {}
 local finished = 0
 
@@ -24,30 +25,32 @@ local function tell(channel, outcome)
   list[#list + 1] = outcome
 end
 
-for i, ack in ipairs(cjson.decode(ARGV[4])) do
+local ids = {}
+for i, ack in ipairs(acks) do
+  ids[i] = ack[1]
+end
+load_many(ids)
+for i, ack in ipairs(acks) do
   local id, token, state, outcome, dead_reason = ack[1], ack[2], ack[3], ack[4], ack[5]
-  local h = task_key(prefix, id)
-  local f = redis.call('HMGET', h, 'state', 'token', 'reply', 'watch', unpack(LIMIT_FIELDS))
-  if f[2] ~= token then
-    replies[i] = {0, f[1] or ''}
-  elseif f[1] ~= 'running' then
-    replies[i] = {FINAL[f[1]] and 2 or 0, f[1]}
+  local r = load(id)
+  if not r or r.token ~= token then
+    replies[i] = {0, r and r.state or ''}
+  elseif r.state ~= 'running' then
+    replies[i] = {FINAL[r.state] and 2 or 0, r.state}
   else
     ended[#ended + 1] = id
-    if f[5] or f[6] or f[7] or f[8] then
-      release_limits(prefix, h, false)
-    end
+    release_limits(prefix, r, false)
     if dead_reason ~= '' then
-      replies[i] = {1, unpack(bury(prefix, h, id, state, outcome, dead_reason, max_dead))}
+      replies[i] = {1, unpack(bury(prefix, id, r, state, outcome, dead_reason, max_dead))}
     else
-      redis.call('HSET', h, 'state', state, 'outcome', outcome)
+      r.state, r.outcome = state, outcome
       if keep then
-        redis.call('PEXPIRE', h, result_ttl_ms)
+        expire(id, r, result_ttl_ms)
       else
-        redis.call('DEL', h)
+        drop(id)
       end
       finished = finished + 1
-      local reply, watchers = f[3], f[4]
+      local reply, watchers = r.reply, r.watch
       if reply then
         tell(reply, outcome)
       end
@@ -62,9 +65,9 @@ for i, ack in ipairs(cjson.decode(ARGV[4])) do
     end
   end
 end
-for first = 1, #ended, 1000 do
-  redis.call('ZREM', leases, unpack(ended, first, math.min(first + 999, #ended)))
-end
+in_slices('ZREM', leases, ended)
+sweep(2 * #acks)
+flush()
 if finished > 0 then
   redis.call('HINCRBY', prefix .. 'stats', 'finished', finished)
 end

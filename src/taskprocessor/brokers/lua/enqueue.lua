@@ -9,8 +9,9 @@
 -- Returns one reply per task, in order: {1, id, state} when accepted, {0, existing_id,
 -- state} for a duplicate; state 'running' means the task was handed off to an idle
 -- worker process (see hand_off below).
--- Per task it reads the task hash's state (an id is accepted once) and writes the hash;
--- the sequence numbers, the ready ZADD, the count and the wake go once per call.
+-- The records of the whole call are read with one HMGET and written with one HSET, the
+-- bodies with one HSET; the sequence numbers, the ZADDs, the count and the wake go once
+-- per call too.
 local ready, delayed, leases, idle, limits = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix, reply = ARGV[1], ARGV[2]
 local tasks = cjson.decode(ARGV[3])
@@ -22,11 +23,11 @@ local tasks = cjson.decode(ARGV[3])
 -- nothing, and for a type without global limits (those are the claim's to check). The
 -- worker registered longest ago goes first.
 local queued_here = false
-local function hand_off(h, id, body, name, score, fields, now)
+local function hand_off(id, r, body, now)
   if queued_here or redis.call('EXISTS', idle) == 0 or redis.call('EXISTS', ready) == 1 then
     return false
   end
-  if redis.call('HEXISTS', limits, name) == 1 then
+  if redis.call('HEXISTS', limits, r.name) == 1 then
     return false
   end
   if redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1)[1] then
@@ -44,13 +45,12 @@ local function hand_off(h, id, body, name, score, fields, now)
       else
         redis.call('HSET', reg, 'n', n - 1)
       end
-      local token = redis.call('INCR', prefix .. 'fence')
+      local token = int(redis.call('INCR', prefix .. 'fence'))
       local deadline = int(t + tonumber(f[2]))
       redis.call('ZADD', leases, deadline, id)
-      redis.call('HSET', h, 'state', 'running', 'token', token, 'score', score, 'rt', now,
-        'worker', worker, unpack(fields))
+      r.state, r.token, r.worker = 'running', token, worker
       local inbox = prefix .. 'inbox:' .. worker
-      redis.call('RPUSH', inbox, int(token) .. ' ' .. deadline .. ' 0 ' .. now .. ' ' .. #id
+      redis.call('RPUSH', inbox, token .. ' ' .. deadline .. ' 0 ' .. r.rt .. ' ' .. #id
         .. '\n' .. id .. body)
       redis.call('PEXPIRE', inbox, f[2])
       return true
@@ -62,60 +62,70 @@ end
 
 -- One sequence number per task, taken at once (FIFO among equals; gaps are harmless).
 local seq = redis.call('INCRBY', prefix .. 'seq', #tasks) - #tasks
-local replies, scores = {}, {}
+local replies, scores, due_at, stored = {}, {}, {}, {}
 local accepted, woken = 0, false
+
+local ids = {}
+for i, task in ipairs(tasks) do
+  ids[i] = task[1]
+end
+load_many(ids)
 
 for i, task in ipairs(tasks) do
   local id, body, priority, due, now = task[1], task[2], task[3], task[4], task[5]
   local max_attempts, name, ckey, unique_key, unique_ttl = task[6], task[7], task[8], task[9], task[10]
-  local h = task_key(prefix, id)
   local unique = unique_key ~= '' and prefix .. 'u:' .. unique_key
   local existing = unique and redis.call('GET', unique)
-  local existing_state = existing and redis.call('HGET', task_key(prefix, existing), 'state')
-  local current = not existing_state and redis.call('HGET', h, 'state')
+  local holder = existing and load(existing)
+  local current = not holder and load(id)
   seq = seq + 1
-  if existing_state then
-    replies[i] = {0, existing, existing_state}
+  if holder and holder.state then
+    replies[i] = {0, existing, holder.state}
   elseif current then
-    replies[i] = {0, id, current} -- the same id twice: a producer retrying after a lost reply
+    replies[i] = {0, id, current.state or ''} -- the same id twice: a producer retrying after a lost reply
   else
-    local fields = {'body', body, 'prio', priority, 'attempt', 0, 'max', max_attempts, 'name', name}
+    local r = {prio = priority, attempt = 0, max = max_attempts, name = name}
     if ckey ~= '' then
-      fields[#fields + 1] = 'ckey'
-      fields[#fields + 1] = string.sub(ckey, 2)
+      r.ckey = string.sub(ckey, 2)
     end
     if reply ~= '' then
-      fields[#fields + 1] = 'reply'
-      fields[#fields + 1] = reply
+      r.reply = reply
     end
-    local state
     if due ~= '' and tonumber(due) > tonumber(now) then
-      state = 'scheduled'
-      redis.call('ZADD', delayed, due, id)
-      redis.call('HSET', h, 'state', state, unpack(fields))
+      r.state = 'scheduled'
+      due_at[#due_at + 1] = due
+      due_at[#due_at + 1] = id
     else
-      local score = int((100 - tonumber(priority)) * PRIORITY_SPAN + seq)
-      if hand_off(h, id, body, name, score, fields, now) then
-        state = 'running'
-      else
-        state = 'queued'
+      r.score, r.rt = int((100 - tonumber(priority)) * PRIORITY_SPAN + seq), int(now)
+      if not hand_off(id, r, body, now) then
+        r.state = 'queued'
         queued_here = true
-        scores[#scores + 1] = score
+        scores[#scores + 1] = r.score
         scores[#scores + 1] = id
-        redis.call('HSET', h, 'state', state, 'score', score, 'rt', now, unpack(fields))
       end
     end
+    save(id, r)
+    stored[#stored + 1] = id
+    stored[#stored + 1] = body
     if unique then
       redis.call('SET', unique, id, 'PX', unique_ttl)
     end
     accepted = accepted + 1
-    woken = woken or state ~= 'running'
-    replies[i] = {1, id, state}
+    woken = woken or r.state ~= 'running'
+    replies[i] = {1, id, r.state}
   end
 end
-for first = 1, #scores, 1000 do
-  redis.call('ZADD', ready, unpack(scores, first, math.min(first + 999, #scores)))
+if #stored > 0 then
+  in_slices('HSET', BODIES, stored, 2)
 end
+if #scores > 0 then
+  in_slices('ZADD', ready, scores, 2)
+end
+if #due_at > 0 then
+  in_slices('ZADD', delayed, due_at, 2)
+end
+sweep(2 * #tasks)
+flush()
 if accepted > 0 then
   redis.call('HINCRBY', prefix .. 'stats', 'enqueued', accepted)
 end

@@ -1,15 +1,17 @@
 -- Read a task, and subscribe the caller to its outcome while it is not final.
--- KEYS: task hash. ARGV: channel ('' = do not watch).
+-- KEYS: the records hash (routes the call to its slot). ARGV: prefix, id, channel ('' = do not watch).
 -- Returns {state, body, attempt, outcome, dead_reason}, or nil when unknown.
-local h, channel = KEYS[1], ARGV[1]
-local f = redis.call('HMGET', h, 'state', 'body', 'attempt', 'outcome', 'dead', 'watch')
-if not f[1] then
+local id, channel = ARGV[2], ARGV[3]
+local r = load(id)
+if not r or not r.state then
   return nil
 end
-if channel ~= '' and not FINAL[f[1]] then
-  local watchers = f[6] or ''
+if channel ~= '' and not FINAL[r.state] then
+  local watchers = r.watch or ''
   if not string.find(' ' .. watchers .. ' ', ' ' .. channel .. ' ', 1, true) then
-    redis.call('HSET', h, 'watch', watchers .. ' ' .. channel)
+    r.watch = watchers .. ' ' .. channel
+    save(id, r)
+    flush()
   end
 end
-return {f[1], f[2] or '', f[3] or '0', f[4] or '', f[5] or ''}
+return {r.state, redis.call('HGET', BODIES, id) or '', tostring(r.attempt or 0), r.outcome or '', r.dead or ''}

@@ -13,31 +13,32 @@ local prefix, limit, result_ttl_ms, max_dead = ARGV[1], ARGV[3], ARGV[4], ARGV[5
 local now = int(server_ms() + tonumber(ARGV[2]))
 local requeued, dead, cancelled = {}, {}, {}
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)
+in_slices('ZREM', leases, expired)
+load_many(expired)
 for _, id in ipairs(expired) do
-  redis.call('ZREM', leases, id)
-  local h = task_key(prefix, id)
-  local f = redis.call('HMGET', h, 'state', 'cancel', 'max')
-  if f[1] == 'running' then
-    local attempt = redis.call('HINCRBY', h, 'attempt', 1)
-    local lost = redis.call('HINCRBY', h, 'lost', 1)
-    redis.call('HDEL', h, 'token')
-    release_limits(prefix, h, false) -- the attempt may have started: its tokens are spent
-    local max_lost = math.max(tonumber(f[3]) or 0, 3)
-    if f[2] then
+  local r = load(id)
+  if r and r.state == 'running' then
+    local attempt = (tonumber(r.attempt) or 0) + 1
+    local lost = (tonumber(r.lost) or 0) + 1
+    r.attempt, r.lost, r.token = attempt, lost, nil
+    release_limits(prefix, r, false) -- the attempt may have started: its tokens are spent
+    local max_lost = math.max(tonumber(r.max) or 0, 3)
+    if r.cancel then
       local outcome = outcome_json(id, 'cancelled', attempt, {kind = 'cancelled', reason = 'cancelled'})
-      finish(prefix, h, 'cancelled', outcome, result_ttl_ms)
+      finish(prefix, id, r, 'cancelled', outcome, result_ttl_ms)
       cancelled[#cancelled + 1] = id
     elseif lost >= max_lost then
       local reason = 'its worker was lost (lease expired) ' .. lost .. ' times, the most allowed'
       local error_fields = {kind = 'failed', type = 'LeaseExpired', message = reason}
-      bury(prefix, h, id, 'failed', outcome_json(id, 'failed', attempt, error_fields, reason), reason, max_dead)
+      bury(prefix, id, r, 'failed', outcome_json(id, 'failed', attempt, error_fields, reason), reason, max_dead)
       dead[#dead + 1] = id
     else
-      make_ready(prefix, h, id, tonumber(now))
+      make_ready(prefix, id, r, tonumber(now))
       requeued[#requeued + 1] = id
     end
   end
 end
+flush()
 if #requeued > 0 then
   wake(prefix)
 end

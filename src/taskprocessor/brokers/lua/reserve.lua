@@ -11,16 +11,29 @@
 local ready, delayed, leases, limits = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, n, now, lease_ms, max_dead = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 
-local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
-for _, id in ipairs(due) do
-  redis.call('ZREM', delayed, id)
-  local h = task_key(prefix, id)
-  local priority = redis.call('HGET', h, 'prio')
-  if priority then
-    local score = ready_score(prefix, priority)
-    redis.call('ZADD', ready, score, id)
-    redis.call('HSET', h, 'state', 'queued', 'score', score, 'rt', now)
+-- Due delayed tasks become ready (the first delayed entry says whether any is due).
+local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+local promoted = false
+if first[2] and tonumber(first[2]) <= tonumber(now) then
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
+  in_slices('ZREM', delayed, due)
+  load_many(due)
+  local seq = redis.call('INCRBY', prefix .. 'seq', #due) - #due
+  local scores = {}
+  for _, id in ipairs(due) do
+    local r = load(id)
+    seq = seq + 1
+    if r and r.prio then
+      r.state, r.score, r.rt = 'queued', int((100 - tonumber(r.prio)) * PRIORITY_SPAN + seq), now
+      save(id, r)
+      scores[#scores + 1] = r.score
+      scores[#scores + 1] = id
+    end
   end
+  if #scores > 0 then
+    in_slices('ZADD', ready, scores, 2)
+  end
+  promoted = true
 end
 
 local out = {'', 0, 0}
@@ -28,44 +41,54 @@ local taken = 0
 local wake_ms = nil
 local deadline = int(server_ms() + tonumber(lease_ms))
 
-local leased = {} -- {id, h, fields, hold} of each task to lease, in order
+local leased = {} -- {id, hold} of each task to lease, in order (hold: limit fields)
 
--- Lease a task whose fields are f = {body, attempt, rt, cancel}; hold = limit fields.
--- The leases are written once the claim is done (lease_all): one INCRBY for the fencing
--- tokens and one ZADD for the deadlines, whatever the number of tasks.
-local function take(id, h, f, hold)
+-- The leases are written once the claim is done (lease_all): one HMGET of the bodies,
+-- one INCRBY for the fencing tokens, one ZADD for the deadlines and the records' one
+-- HSET (in flush), whatever the number of tasks.
+local function take(id, hold)
   taken = taken + 1
-  if not f[1] then
-    -- An id without a body (written by hand, or by a foreign tool): nothing to run.
-    local reason = 'no task body is stored for this id'
-    local error_fields = {kind = 'failed', type = 'DecodeError', message = reason}
-    bury(prefix, h, id, 'failed', outcome_json(id, 'failed', 0, error_fields, reason), reason, max_dead)
-    return
-  end
-  leased[#leased + 1] = {id, h, f, hold}
+  leased[#leased + 1] = {id, hold}
 end
 
 local function lease_all()
   if #leased == 0 then
     return
   end
+  local ids = {}
+  for i, lease in ipairs(leased) do
+    ids[i] = lease[1]
+  end
+  load_many(ids)
+  local found = bodies(ids)
   local token = redis.call('INCRBY', prefix .. 'fence', #leased) - #leased
   local scores = {}
-  for _, lease in ipairs(leased) do
-    local id, f = lease[1], lease[3]
-    token = token + 1
-    redis.call('HSET', lease[2], 'state', 'running', 'token', token, 'worker', ARGV[7], unpack(lease[4]))
-    scores[#scores + 1] = deadline
-    scores[#scores + 1] = id
-    out[#out + 1] = id
-    out[#out + 1] = f[1]
-    out[#out + 1] = f[2] or '0'
-    out[#out + 1] = token
-    out[#out + 1] = f[3] or now
-    out[#out + 1] = f[4] or ''
+  for i, lease in ipairs(leased) do
+    local id, body, r = lease[1], found[i], load(lease[1]) or {}
+    if not body then
+      -- An id without a body (written by hand, or by a foreign tool): nothing to run.
+      local reason = 'no task body is stored for this id'
+      local error_fields = {kind = 'failed', type = 'DecodeError', message = reason}
+      bury(prefix, id, r, 'failed', outcome_json(id, 'failed', 0, error_fields, reason), reason, max_dead)
+    else
+      token = token + 1
+      r.state, r.token, r.worker = 'running', int(token), ARGV[7]
+      for j = 1, #lease[2], 2 do
+        r[lease[2][j]] = lease[2][j + 1]
+      end
+      save(id, r)
+      scores[#scores + 1] = deadline
+      scores[#scores + 1] = id
+      out[#out + 1] = id
+      out[#out + 1] = body
+      out[#out + 1] = tostring(r.attempt or 0)
+      out[#out + 1] = r.token
+      out[#out + 1] = r.rt or now
+      out[#out + 1] = r.cancel or ''
+    end
   end
-  for first = 1, #scores, 1000 do
-    redis.call('ZADD', leases, unpack(scores, first, math.min(first + 999, #scores)))
+  if #scores > 0 then
+    in_slices('ZADD', leases, scores, 2)
   end
 end
 
@@ -73,9 +96,7 @@ if redis.call('EXISTS', limits) == 0 then
   -- No global limits on this queue: the n best, whatever they are.
   local popped = redis.call('ZPOPMIN', ready, n)
   for i = 1, #popped, 2 do
-    local id = popped[i]
-    local h = task_key(prefix, id)
-    take(id, h, redis.call('HMGET', h, 'body', 'attempt', 'rt', 'cancel'), {})
+    take(popped[i], {})
   end
 else
   local t = redis.call('TIME')
@@ -105,19 +126,18 @@ else
     return spec
   end
 
-  -- A task hash written before names were stored: read them from the body once.
-  local function learn(h, body)
+  -- A record without a name (written by a foreign tool): read it from the body once.
+  local function learn(id, r, body)
     local ok, envelope = pcall(cjson.decode, body)
     if not ok or type(envelope) ~= 'table' or type(envelope.name) ~= 'string' then
       return nil, nil
     end
-    local key = envelope.key
-    if type(key) == 'string' then
-      redis.call('HSET', h, 'name', envelope.name, 'ckey', key)
-      return envelope.name, key
+    r.name = envelope.name
+    if type(envelope.key) == 'string' then
+      r.ckey = envelope.key
     end
-    redis.call('HSET', h, 'name', envelope.name)
-    return envelope.name, nil
+    save(id, r)
+    return r.name, r.ckey
   end
 
   -- Room under a concurrency limit?
@@ -235,17 +255,17 @@ else
     if #page == 0 then
       break
     end
+    load_many(page)
     for _, id in ipairs(page) do
       if taken >= n then
         break
       end
-      local h = task_key(prefix, id)
-      local f = redis.call('HMGET', h, 'name', 'ckey')
-      local name, key = f[1] or nil, f[2] or nil
+      local r = load(id) or {}
+      local name, key = r.name, r.ckey
       if not name then
-        local body = redis.call('HGET', h, 'body')
+        local body = redis.call('HGET', BODIES, id)
         if body then
-          name, key = learn(h, body)
+          name, key = learn(id, r, body)
         end
       end
       local hold = {} -- no limits: lease it as it is
@@ -258,7 +278,7 @@ else
       end
       if hold then
         redis.call('ZREM', ready, id)
-        take(id, h, redis.call('HMGET', h, 'body', 'attempt', 'rt', 'cancel'), hold)
+        take(id, hold)
       else
         skipped = skipped + 1
       end
@@ -268,12 +288,13 @@ else
 end
 
 lease_all()
+flush()
 out[2] = taken
 if taken == n and redis.call('ZCARD', ready) > 0 then
   out[3] = 1
   wake(prefix) -- work is left: let another idle process have it
 end
-local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+local nxt = promoted and redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES') or first
 if nxt[2] and (not wake_ms or tonumber(nxt[2]) < wake_ms) then
   out[1] = nxt[2]
 elseif wake_ms then

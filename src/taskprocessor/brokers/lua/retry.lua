@@ -1,34 +1,30 @@
 -- Schedule a reserved task's next attempt (or hand it back unstarted, keeping its place).
--- KEYS: task hash, leases, ready, delayed
+-- KEYS: leases, ready, delayed
 -- ARGV: prefix, id, token, attempt ('' = keep: a release), due_ms ('' = now), now_ms
 -- Returns {1, state} when done, {0, state} when the token is stale.
-local h, leases, ready, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local leases, ready, delayed = KEYS[1], KEYS[2], KEYS[3]
 local prefix, id, token, attempt, due, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 
-local f = redis.call('HMGET', h, 'state', 'token')
-if f[1] ~= 'running' or f[2] ~= token then
-  return {0, f[1] or ''}
+local r = load(id)
+if not r or r.state ~= 'running' or r.token ~= token then
+  return {0, r and r.state or ''}
 end
 redis.call('ZREM', leases, id)
-redis.call('HDEL', h, 'token')
-release_limits(prefix, h, attempt == '') -- a release never started: its tokens go back
+r.token = nil
+release_limits(prefix, r, attempt == '') -- a release never started: its tokens go back
 if attempt == '' then
   -- release: back to the exact position it was popped from
-  redis.call('ZADD', ready, redis.call('HGET', h, 'score'), id)
-  redis.call('HSET', h, 'state', 'queued')
-  wake(prefix)
-  return {1, 'queued'}
-end
-redis.call('HSET', h, 'attempt', attempt)
-if due ~= '' and tonumber(due) > tonumber(now) then
+  redis.call('ZADD', ready, r.score, id)
+  r.state = 'queued'
+elseif due ~= '' and tonumber(due) > tonumber(now) then
+  r.attempt = tonumber(attempt)
   redis.call('ZADD', delayed, due, id)
-  redis.call('HSET', h, 'state', 'scheduled')
-  redis.call('HDEL', h, 'score')
-  wake(prefix) -- idle workers learn the new earliest due time
-  return {1, 'scheduled'}
+  r.state, r.score = 'scheduled', nil
+else
+  r.attempt, r.score = tonumber(attempt), nil
+  make_ready(prefix, id, r, tonumber(now))
 end
-local score = ready_score(prefix, redis.call('HGET', h, 'prio') or 50)
-redis.call('ZADD', ready, score, id)
-redis.call('HSET', h, 'state', 'queued', 'score', score, 'rt', now)
-wake(prefix)
-return {1, 'queued'}
+save(id, r)
+flush()
+wake(prefix) -- a release or a retry: idle workers take it, or learn the new due time
+return {1, r.state}

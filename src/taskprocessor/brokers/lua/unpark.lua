@@ -28,22 +28,26 @@ redis.call('ZREM', idle, worker)
 redis.call('DEL', reg)
 local items = redis.call('LRANGE', inbox, 0, -1)
 redis.call('DEL', inbox)
-local back = {}
+local back, parsed = {}, {}
 for _, item in ipairs(items) do
   local token, length, rest = string.match(item, '^(%d+) %d+ %d+ %d+ (%d+)\n(.*)$')
   if token then
     local id = string.sub(rest, 1, tonumber(length))
-    local h = task_key(prefix, id)
-    local f = redis.call('HMGET', h, 'state', 'token', 'score')
-    if f[1] == 'running' and f[2] == token and f[3] then
-      redis.call('ZREM', leases, id)
-      redis.call('HDEL', h, 'token')
-      redis.call('ZADD', ready, f[3], id)
-      redis.call('HSET', h, 'state', 'queued')
-      back[#back + 1] = id
-    end
+    parsed[#parsed + 1] = {id, token}
   end
 end
+for _, item in ipairs(parsed) do
+  local id, token = item[1], item[2]
+  local r = load(id)
+  if r and r.state == 'running' and r.token == token and r.score then
+    redis.call('ZREM', leases, id)
+    redis.call('ZADD', ready, r.score, id)
+    r.state, r.token = 'queued', nil
+    save(id, r)
+    back[#back + 1] = id
+  end
+end
+flush()
 if #back > 0 then
   wake(prefix) -- another idle worker process takes them
 end
