@@ -14,7 +14,8 @@ queue on one shard and each script touches one slot::
                                (expiry, ms), and the global limits its lease holds:
                                lc, lk, lr, lq (see _redis_limits)
     {tp:q}:body        HASH    id -> the task's body
-    {tp:q}:exp         ZSET    id -> expiry of a finished task's record and body, ms
+    {tp:q}:exp         LIST    '<expiry ms> <id> <id>...': finished tasks whose record and
+                               body to delete then, one entry per script call
     {tp:q}:u:<key>     STRING  the id of the task holding a unique key, with a TTL
     {tp:q}:seq         STRING  counter: ready and dead-letter order
     {tp:q}:fence       STRING  counter: lease tokens

@@ -6,9 +6,11 @@
 -- whatever the batch's size:
 --   <prefix>rec   id -> the task's record: a JSON object of the fields below
 --   <prefix>body  id -> the task's body, as submitted
--- A finished task's record holds its expiry (exp, ms on the server's clock) and is listed
--- in <prefix>exp (id -> exp); a record past its expiry reads as absent at once, and
--- sweep() deletes such records in batches.
+-- A finished task's record holds its expiry (exp, ms on the server's clock); a record
+-- past its expiry reads as absent at once. Each script call that finishes tasks pushes
+-- one entry to the list <prefix>exp, '<exp_ms> <id> <id>...' (ids space-free, else
+-- JSON), and sweep() deletes the records of entries due, a batch at a time: per task it
+-- costs no command, only a few bytes.
 --
 -- Record fields: state, attempt, prio, max (attempts), name, ckey (its concurrency key),
 -- reply (the producer's channel), watch (more channels, space-separated), score (its
@@ -57,6 +59,7 @@ end
 
 -- The records this script has read or changed: id -> table, or false when absent.
 local cache, dirty, gone, expiring = {}, {}, {}, {}
+local expiring_at = nil -- the latest expiry among expiring
 
 local function decode_record(raw)
   if not raw then
@@ -128,20 +131,43 @@ end
 
 -- Keep a finished task's record for ttl_ms more.
 local function expire(id, r, ttl_ms)
-  r.exp = int(clock() + tonumber(ttl_ms))
-  expiring[#expiring + 1] = r.exp
+  local at = clock() + tonumber(ttl_ms)
+  r.exp = int(at)
+  if not expiring_at or at > expiring_at then
+    expiring_at = at
+  end
   expiring[#expiring + 1] = id
   save(id, r)
 end
 
--- Delete up to limit expired records (an id listed in exp whose record was written anew
--- since, by a submit reusing the id, is only taken off the list).
-local function sweep(limit)
-  local due = redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', clock(), 'LIMIT', 0, limit)
-  if #due == 0 then
+-- Delete the records of the first entries of exp that are due (up to 8 entries). A record
+-- whose expiry is later than its entry's (written anew since, by a submit reusing the
+-- id) stays; an entry behind one not yet due waits for it (its records read as absent
+-- meanwhile: only their memory waits).
+local function sweep()
+  local head = redis.call('LRANGE', EXPIRY, 0, 7)
+  local now, due, entries = clock(), {}, 0
+  for _, entry in ipairs(head) do
+    local space = string.find(entry, ' ', 1, true)
+    if not space or tonumber(string.sub(entry, 1, space - 1)) > now then
+      break
+    end
+    entries = entries + 1
+    local rest = string.sub(entry, space + 1)
+    if string.sub(rest, 1, 1) == '[' then
+      for _, id in ipairs(cjson.decode(rest)) do
+        due[#due + 1] = id
+      end
+    else
+      for id in string.gmatch(rest, '%S+') do
+        due[#due + 1] = id
+      end
+    end
+  end
+  if entries == 0 then
     return
   end
-  in_slices('ZREM', EXPIRY, due)
+  redis.call('LTRIM', EXPIRY, entries, -1)
   load_many(due)
   for _, id in ipairs(due) do
     if not cache[id] then
@@ -174,7 +200,15 @@ local function flush()
     in_slices('HSET', RECORDS, writes, 2)
   end
   if #expiring > 0 then
-    in_slices('ZADD', EXPIRY, expiring, 2)
+    local plain = true
+    for _, id in ipairs(expiring) do
+      if string.find(id, '%s') or string.sub(id, 1, 1) == '[' then
+        plain = false -- an id that would not read back from a space-separated list
+        break
+      end
+    end
+    local ids = plain and table.concat(expiring, ' ') or cjson.encode(expiring)
+    redis.call('RPUSH', EXPIRY, int(expiring_at) .. ' ' .. ids)
   end
 end
 

@@ -66,7 +66,7 @@ for i, ack in ipairs(acks) do
   end
 end
 in_slices('ZREM', leases, ended)
-sweep(2 * #acks)
+sweep()
 flush()
 if finished > 0 then
   redis.call('HINCRBY', prefix .. 'stats', 'finished', finished)

@@ -124,7 +124,7 @@ end
 if #due_at > 0 then
   in_slices('ZADD', delayed, due_at, 2)
 end
-sweep(2 * #tasks)
+sweep()
 flush()
 if accepted > 0 then
   redis.call('HINCRBY', prefix .. 'stats', 'enqueued', accepted)
