@@ -86,17 +86,14 @@ def sync_client() -> Any:
 
 
 def stored_task(client: Any, queue: str, task_id: str) -> dict[str, Any]:
-    """A task as Redis holds it: its record's fields, and its body under "body".
+    """A task as Redis holds it, as one dict (see `stored_fields`); {} when nothing is.
 
-    {} when neither is stored. The record may be past its expiry ("exp"), waiting for a
-    sweep: `expires_in_ms` tells.
+    A finished task may be past its expiry ("exp"), waiting for a sweep: `expires_in_ms`
+    tells.
     """
     keys = QueueKeys.of(queue)
-    fields = stored_fields(client.hget(keys.records, task_id))
-    body = client.hget(keys.bodies, task_id)
-    if body is not None:
-        fields["body"] = body
-    return fields
+    keys_read = (keys.records, keys.bodies, keys.runs, keys.ends)
+    return stored_fields(*(client.hget(key, task_id) for key in keys_read))
 
 
 def store_task(client: Any, queue: str, task_id: str, body: bytes | None, **fields: Any) -> None:
@@ -112,7 +109,7 @@ def expires_in_ms(client: Any, queue: str, task_id: str) -> int:
     fields = stored_task(client, queue, task_id)
     if not fields:
         return -2
-    if "exp" not in fields:
+    if not fields.get("exp"):
         return -1
     seconds, micros = client.time()
     left = int(fields["exp"]) - (seconds * 1000 + micros // 1000)

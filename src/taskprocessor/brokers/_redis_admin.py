@@ -121,6 +121,7 @@ class Admin:
                 if outcome:
                     decoded = decode_outcome(outcome)
                     record.state = decoded.state
+                    record.attempt = max(record.attempt, decoded.attempt)
                     record.error = rebuild_error(decoded.error, task_id, record.name)
                 records.append(record)
         return records
@@ -131,10 +132,10 @@ class Admin:
         ids: list[bytes] = (await store.commands(lambda pipe: pipe.zrange(keys.dead, 0, -1)))[0]
         if not ids:
             return []
-        records, bodies = await store.commands(partial(read_tasks, keys=keys, ids=ids))
+        columns = await store.commands(partial(read_tasks, keys=keys, ids=ids))
         return [
-            (raw.decode(), body, stored_fields(record))
-            for raw, record, body in zip(ids, records, bodies, strict=True)
+            (raw.decode(), row[1], stored_fields(*row))
+            for raw, row in zip(ids, zip(*columns, strict=True), strict=True)
         ]
 
     async def requeue_dead_letter(self, task_id: str) -> TaskRecord:
@@ -186,10 +187,10 @@ class Admin:
                 continue
 
             ids = [raw for raw, _ in leased]
-            records, bodies = await store.commands(partial(read_tasks, keys=keys, ids=ids))
-            for (raw, deadline_ms), stored, body in zip(leased, records, bodies, strict=True):
-                task_id, fields = raw.decode(), stored_fields(stored)
-                record = decode_stored(body or b"", task_id=task_id, offset=shared.offset)
+            columns = await store.commands(partial(read_tasks, keys=keys, ids=ids))
+            for (raw, deadline_ms), row in zip(leased, zip(*columns, strict=True), strict=True):
+                task_id, fields = raw.decode(), stored_fields(*row)
+                record = decode_stored(row[1] or b"", task_id=task_id, offset=shared.offset)
                 worker = fields.get("worker")
                 found.append(
                     RunningTask(

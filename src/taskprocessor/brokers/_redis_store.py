@@ -1,4 +1,4 @@
-"""The Redis broker's storage: key layout, Lua scripts, and the connection that runs them.
+r"""The Redis broker's storage: key layout, Lua scripts, and the connection that runs them.
 
 Every key of a queue carries the hash tag ``{tp:<queue>}``, so Redis Cluster keeps a
 queue on one shard and each script touches one slot::
@@ -7,15 +7,17 @@ queue on one shard and each script touches one slot::
     {tp:q}:delayed     ZSET    id -> due time, ms
     {tp:q}:leases      ZSET    id -> lease deadline, ms on the server's clock
     {tp:q}:dead        ZSET    id -> sequence (oldest dead letter first)
-    {tp:q}:rec         HASH    id -> the task's record, a JSON object: name, ckey (its
-                               concurrency key), prio, max (attempts), state, attempt,
-                               lost (leases lost), token, score, rt (ready since, ms),
-                               worker, cancel, reply, watch, outcome, dead (reason), exp
-                               (expiry, ms), and the global limits its lease holds:
-                               lc, lk, lr, lq (see _redis_limits)
+    {tp:q}:rec         HASH    id -> the task's record, a JSON object: state (queued or
+                               scheduled), name, ckey (its concurrency key), prio, max
+                               (attempts), attempt, lost (leases lost), score, rt (ready
+                               since, ms), cancel, reply, watch
     {tp:q}:body        HASH    id -> the task's body
-    {tp:q}:exp         LIST    '<expiry ms> <id> <id>...': finished tasks whose record and
-                               body to delete then, one entry per script call
+    {tp:q}:run         HASH    id -> "<token>\n<worker>" (and the global limits the
+                               lease holds, see _redis_limits): the task is running
+    {tp:q}:end         HASH    id -> "<expiry ms>\n<token>\n<outcome>\n<dead reason>":
+                               the task is finished (a dead letter: no expiry)
+    {tp:q}:exp         LIST    "<expiry ms> <id> <id>...": finished tasks to delete then,
+                               one entry per script call
     {tp:q}:u:<key>     STRING  the id of the task holding a unique key, with a TTL
     {tp:q}:seq         STRING  counter: ready and dead-letter order
     {tp:q}:fence       STRING  counter: lease tokens
@@ -44,12 +46,14 @@ And one key per producer, outside any queue's slot::
 
     tp:reply:<name>    pub/sub channel: outcomes of the tasks it submitted or looks up
 
-A queue's tasks share two hashes, so that a script reads and writes the tasks of a
+A queue's tasks share four hashes, so that a script reads and writes the tasks of a
 batch with one command per hash, whatever the batch's size: a drain costs a few commands
-per claim and per ack, not per task. A finished task's record and body expire after
-``result_ttl`` (a record past its expiry reads as absent; scripts delete such records in
-batches); a dead letter's never do. Each state transition is one script in ``lua/``
-(with ``_common.lua`` in front of it).
+per claim and per ack, not per task, and the claim and the ack handle plain strings (a
+record is decoded only off the hot path). A task's state is where it is: finished (end),
+running (run), else the record's waiting state. A finished task expires after
+``result_ttl`` (past it, it reads as absent; scripts delete such tasks in batches); a
+dead letter never does. Each state transition is one script in ``lua/`` (with
+``_common.lua`` in front of it).
 """
 
 from __future__ import annotations
@@ -142,6 +146,8 @@ class QueueKeys:
     cancel_channel: str
     records: str
     bodies: str
+    runs: str
+    ends: str
 
     @classmethod
     def of(cls, queue: str) -> QueueKeys:
@@ -158,6 +164,8 @@ class QueueKeys:
             f"{p}cancel",
             f"{p}rec",
             f"{p}body",
+            f"{p}run",
+            f"{p}end",
         )
 
     def unique(self, key: str) -> str:
@@ -165,21 +173,51 @@ class QueueKeys:
         return f"{self.prefix}u:{key}"
 
 
-def stored_fields(raw: bytes | str | None) -> dict[str, Any]:
-    """A task's record as stored in ``{tp:q}:rec``: its fields, or {} when absent or unreadable."""
-    if raw is None:
-        return {}
-    try:
-        fields = json.loads(raw)
-    except ValueError:
-        return {}
-    return fields if isinstance(fields, dict) else {}
+def stored_fields(
+    record: bytes | None,
+    body: bytes | None = None,
+    lease: bytes | None = None,
+    end: bytes | None = None,
+) -> dict[str, Any]:
+    """A task as the four hashes hold it, as one dict ({} when nothing is stored).
+
+    The record's fields (see the module's docstring), with ``body``; while a lease holds
+    it, ``state`` "running", ``token``, ``worker`` and the limits held; once finished, ``state`` (from the
+    outcome), ``outcome``, ``dead`` (the dead-letter reason, "" if none) and ``exp``
+    (expiry, ms on the server's clock, "" for a dead letter).
+    """
+    fields: dict[str, Any] = {}
+    if record is not None:
+        try:
+            decoded = json.loads(record)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, dict):
+            fields.update(decoded)
+    if body is not None:
+        fields["body"] = body
+    if lease is not None:
+        token, _, rest = lease.decode().partition("\n")
+        worker, _, held = rest.partition("\n")
+        fields.update(state="running", token=token, worker=worker)
+        if held:  # the global limits the lease holds: lc, lk, lr, lq
+            fields.update(json.loads(held))
+    if end is not None:
+        exp, _, rest = end.decode().partition("\n")
+        _token, _, rest = rest.partition("\n")
+        outcome, _, dead = rest.partition("\n")
+        try:
+            state = json.loads(outcome).get("state", "failed")
+        except (ValueError, AttributeError):
+            state = "failed"
+        fields.update(state=state, outcome=outcome, dead=dead, exp=exp)
+    return fields
 
 
 def read_tasks(pipe: Any, keys: QueueKeys, ids: Sequence[str | bytes]) -> None:
-    """Queue the reads of tasks' records and bodies (two replies: records, then bodies)."""
-    pipe.hmget(keys.records, list(ids))
-    pipe.hmget(keys.bodies, list(ids))
+    """Queue the reads of tasks: four replies (records, bodies, leases, ends; `stored_fields`)."""
+    for key in (keys.records, keys.bodies, keys.runs, keys.ends):
+        pipe.hmget(key, list(ids))
 
 
 def load_sources() -> dict[str, str]:

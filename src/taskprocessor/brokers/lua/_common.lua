@@ -1,38 +1,51 @@
 -- Helpers shared by every script: the loader puts this file in front of each one.
 --
 -- Keys of one queue share the hash tag {tp:<queue>} and so one cluster slot. ARGV[1] of
--- every script is the queue's key prefix. A queue's tasks live in two hashes of that
--- slot, so that a script reads or writes the tasks of a whole batch with one command,
--- whatever the batch's size:
---   <prefix>rec   id -> the task's record: a JSON object of the fields below
+-- every script is the queue's key prefix. A queue's tasks live in four hashes of that
+-- slot, so that a script reads or writes the tasks of a whole batch with one command per
+-- hash, whatever the batch's size, and the hot path (claim, ack) handles plain strings:
+--   <prefix>rec   id -> the task's record, a JSON object: state (queued or scheduled:
+--                 the waiting states), prio, max (attempts), name, ckey (its concurrency
+--                 key), reply (the producer's channel), watch (more channels, space-
+--                 separated), score (its ready score), rt (ready since, ms), attempt,
+--                 lost (leases lost), cancel. Numbers of more than 14 digits (score) are
+--                 strings: cjson, like Lua's tostring, keeps 14 digits.
 --   <prefix>body  id -> the task's body, as submitted
--- A finished task's record holds its expiry (exp, ms on the server's clock); a record
--- past its expiry reads as absent at once. Each script call that finishes tasks pushes
--- one entry to the list <prefix>exp, '<exp_ms> <id> <id>...' (ids space-free, else
--- JSON), and sweep() deletes the records of entries due, a batch at a time: per task it
--- costs no command, only a few bytes.
+--   <prefix>run   id -> '<token>\n<worker>', and '\n<lc>\n<lk>\n<lr>\n<lq>' when the
+--                 lease holds global limits (see release_limits): the task is running
+--   <prefix>end   id -> '<exp_ms>\n<token>\n<outcome>\n<dead reason>': the task is
+--                 finished (the outcome's own state field says how); exp_ms is '' for a
+--                 dead letter, token that of the lease that recorded it ('' for none)
+-- A finished task past its expiry reads as absent at once. Each script call that
+-- finishes tasks pushes one entry to the list <prefix>exp, '<exp_ms> <id> <id>...' (JSON
+-- after the time when an id would not read back), and sweep() deletes the tasks of
+-- entries due: per task, expiry costs no command.
 --
--- Record fields: state, attempt, prio, max (attempts), name, ckey (its concurrency key),
--- reply (the producer's channel), watch (more channels, space-separated), score (its
--- ready score), rt (ready since, ms), token (its lease's), worker, lost (leases lost),
--- cancel, outcome, dead (the dead-letter reason), exp, and the global limits its lease
--- holds: lc, lk, lr, lq (see release_limits). Numbers of more than 14 digits (score,
--- token) are strings: cjson, like Lua's tostring, keeps 14 digits, and a score needs 16.
---
--- A script loads the records it needs (load, load_many: one HMGET per batch), changes
--- them as tables (save, expire, drop) and writes every change at the end with flush():
--- one HDEL and one HSET per hash, whatever the number of tasks.
+-- A script reads what it needs of a batch first (fetch: one HMGET per hash), works on
+-- the values in memory, and writes every change at the end with flush(): one HDEL and
+-- one HSET per hash.
 
 local PRIORITY_SPAN = 70368744177664 -- 2^46 sequence numbers per priority level
 
 local FINAL = {succeeded = true, failed = true, timed_out = true, cancelled = true, expired = true}
 
 local PREFIX = ARGV[1] or ''
-local RECORDS, BODIES, EXPIRY = PREFIX .. 'rec', PREFIX .. 'body', PREFIX .. 'exp'
 local BATCH = 1000 -- ids per command: unpack() has a limit, and so has the Lua stack
 
 local function int(n)
   return string.format('%.0f', n)
+end
+
+-- A field of a record's JSON, found without decoding it: the text after '"<name>":',
+-- unquoted, up to the next comma or brace. cjson escapes every quote inside a string, so
+-- '"<name>":' can only be the record's own field. nil when absent.
+local function field(raw, name)
+  local key = '"' .. name .. '":'
+  local at = string.find(raw, key, 1, true)
+  if at then
+    return string.match(raw, '^%s*"?([^,}"]*)', at + #key)
+  end
+  return nil
 end
 
 local function server_ms()
@@ -57,93 +70,170 @@ local function in_slices(command, key, items, per)
   end
 end
 
--- The records this script has read or changed: id -> table, or false when absent.
-local cache, dirty, gone, expiring = {}, {}, {}, {}
-local expiring_at = nil -- the latest expiry among expiring
-
-local function decode_record(raw)
-  if not raw then
-    return false
-  end
-  local ok, r = pcall(cjson.decode, raw)
-  if not ok or type(r) ~= 'table' then
-    return {} -- unreadable (written by a foreign tool): a task with no known fields
-  end
-  if r.exp and tonumber(r.exp) <= clock() then
-    return false -- expired, waiting for a sweep
-  end
-  return r
+-- One hash of the queue, as this script sees it: values read (false: absent) and the
+-- writes to flush (a value, or false to delete).
+local function hash(suffix)
+  return {key = PREFIX .. suffix, seen = {}, changed = {}, order = {}}
 end
+local RECORDS, BODIES, RUNS, ENDS = hash('rec'), hash('body'), hash('run'), hash('end')
+local EXPIRY = PREFIX .. 'exp'
 
--- The record of a task, or nil when there is none.
-local function load(id)
-  local r = cache[id]
-  if r == nil then
-    r = decode_record(redis.call('HGET', RECORDS, id))
-    cache[id] = r
-  end
-  return r or nil
-end
-
--- Read the records of ids in one HMGET (per BATCH); load() then answers from memory.
-local function load_many(ids)
+-- Read the values of ids not read yet, one HMGET per BATCH.
+local function fetch(h, ids)
   local missing = {}
   for _, id in ipairs(ids) do
-    if cache[id] == nil then
+    if h.seen[id] == nil then
       missing[#missing + 1] = id
     end
   end
   for first = 1, #missing, BATCH do
     local last = math.min(first + BATCH - 1, #missing)
-    local raws = redis.call('HMGET', RECORDS, unpack(missing, first, last))
+    local values = redis.call('HMGET', h.key, unpack(missing, first, last))
     for i = first, last do
-      cache[missing[i]] = decode_record(raws[i - first + 1])
+      h.seen[missing[i]] = values[i - first + 1] or false
     end
   end
 end
 
--- The bodies of ids, in order (false where there is none).
-local function bodies(ids)
-  local out = {}
-  for first = 1, #ids, BATCH do
-    local last = math.min(first + BATCH - 1, #ids)
-    local raws = redis.call('HMGET', BODIES, unpack(ids, first, last))
-    for i = first, last do
-      out[i] = raws[i - first + 1]
+-- The value of id, or nil.
+local function get(h, id)
+  local v = h.seen[id]
+  if v == nil then
+    v = redis.call('HGET', h.key, id) or false
+    h.seen[id] = v
+  end
+  return v or nil
+end
+
+-- Set (value) or delete (false) id's value, at flush.
+local function put(h, id, value)
+  h.seen[id] = value
+  if not h.changed[id] then
+    h.changed[id] = true
+    h.order[#h.order + 1] = id
+  end
+end
+
+local function flush_hash(h)
+  local deleted, writes = {}, {}
+  for _, id in ipairs(h.order) do
+    local v = h.seen[id]
+    if v then
+      writes[#writes + 1] = id
+      writes[#writes + 1] = v
+    else
+      deleted[#deleted + 1] = id
     end
   end
-  return out
+  in_slices('HDEL', h.key, deleted)
+  in_slices('HSET', h.key, writes, 2)
+end
+
+-- A finished task: {exp, token, outcome, dead, state}, or false when it is not finished,
+-- or 'expired' (the task reads as absent).
+local function ending(id)
+  local v = get(ENDS, id)
+  if not v then
+    return false
+  end
+  local exp, token, outcome, dead = string.match(v, '^(%d*)\n(%d*)\n([^\n]*)\n(.*)$')
+  if not exp then
+    return false
+  end
+  if exp ~= '' and tonumber(exp) <= clock() then
+    return 'expired'
+  end
+  -- cjson escapes every quote inside a string, so this finds the outcome's own field.
+  local state = string.match(outcome, '"state":%s*"([%a_]+)"') or 'failed'
+  return {exp = exp, token = token, outcome = outcome, dead = dead, state = state}
+end
+
+-- Read what state_of needs for ids in one round of HMGETs.
+local function fetch_states(ids)
+  fetch(ENDS, ids)
+  fetch(RUNS, ids)
+  fetch(RECORDS, ids)
+end
+
+-- A task's state: nil when unknown (never stored, expired or deleted); '' for a record
+-- no script wrote (a foreign tool's), whose state cannot be read.
+local function state_of(id)
+  local e = ending(id)
+  if e == 'expired' then
+    return nil
+  elseif e then
+    return e.state
+  end
+  if get(RUNS, id) then
+    return 'running'
+  end
+  local raw = get(RECORDS, id)
+  if not raw then
+    return nil
+  end
+  return field(raw, 'state') or ''
+end
+
+-- A running task's lease: its token and its raw value, or nil.
+local function lease_of(id)
+  local v = get(RUNS, id)
+  if not v then
+    return nil
+  end
+  return string.match(v, '^(%d+)'), v
+end
+
+-- A task's record as a table ({} when unreadable), or nil.
+local decoded = {}
+local function record(id)
+  local r = decoded[id]
+  if r == nil then
+    local raw = get(RECORDS, id)
+    if not raw then
+      return nil
+    end
+    local ok, value = pcall(cjson.decode, raw)
+    r = ok and type(value) == 'table' and value or {}
+    decoded[id] = r
+  end
+  return r
 end
 
 local function save(id, r)
-  cache[id] = r
-  if not dirty[id] then
-    dirty[id] = true
-    dirty[#dirty + 1] = id
-  end
+  decoded[id] = r
+  put(RECORDS, id, cjson.encode(r))
 end
 
--- Delete a task: its record and its body.
+-- Delete every trace of a task.
 local function drop(id)
-  cache[id] = false
-  gone[#gone + 1] = id
+  decoded[id] = nil
+  put(RECORDS, id, false)
+  put(BODIES, id, false)
+  put(RUNS, id, false)
+  put(ENDS, id, false)
 end
 
--- Keep a finished task's record for ttl_ms more.
-local function expire(id, r, ttl_ms)
-  local at = clock() + tonumber(ttl_ms)
-  r.exp = int(at)
-  if not expiring_at or at > expiring_at then
-    expiring_at = at
+local expiring, expiring_at = {}, nil
+
+-- Record how a task ended: kept result_ttl_ms, or forever for a dead letter (dead ~= '');
+-- token is the lease's that recorded it, if any.
+local function record_end(id, outcome, result_ttl_ms, dead, token)
+  local exp = ''
+  if dead == '' then
+    local at = clock() + tonumber(result_ttl_ms)
+    exp = int(at)
+    if not expiring_at or at > expiring_at then
+      expiring_at = at
+    end
+    expiring[#expiring + 1] = id
   end
-  expiring[#expiring + 1] = id
-  save(id, r)
+  put(RUNS, id, false)
+  put(ENDS, id, exp .. '\n' .. (token or '') .. '\n' .. outcome .. '\n' .. dead)
 end
 
--- Delete the records of the first entries of exp that are due (up to 8 entries). A record
--- whose expiry is later than its entry's (written anew since, by a submit reusing the
--- id) stays; an entry behind one not yet due waits for it (its records read as absent
--- meanwhile: only their memory waits).
+-- Delete the tasks of the first entries of exp that are due (up to 8 entries). A task
+-- that ended again later (its id submitted anew) stays; an entry behind one not yet due
+-- waits for it (its tasks read as absent meanwhile: only their memory waits).
 local function sweep()
   local head = redis.call('LRANGE', EXPIRY, 0, 7)
   local now, due, entries = clock(), {}, 0
@@ -168,37 +258,20 @@ local function sweep()
     return
   end
   redis.call('LTRIM', EXPIRY, entries, -1)
-  load_many(due)
+  fetch(ENDS, due)
   for _, id in ipairs(due) do
-    if not cache[id] then
+    if ending(id) == 'expired' then
       drop(id)
     end
   end
 end
 
--- Write every change this script made: deletions, then records, then expiries.
+-- Write every change this script made.
 local function flush()
-  local deleted = {}
-  for _, id in ipairs(gone) do
-    if cache[id] == false then
-      deleted[#deleted + 1] = id
-    end
-  end
-  if #deleted > 0 then
-    in_slices('HDEL', RECORDS, deleted)
-    in_slices('HDEL', BODIES, deleted)
-  end
-  local writes = {}
-  for _, id in ipairs(dirty) do
-    local r = cache[id]
-    if r then
-      writes[#writes + 1] = id
-      writes[#writes + 1] = cjson.encode(r)
-    end
-  end
-  if #writes > 0 then
-    in_slices('HSET', RECORDS, writes, 2)
-  end
+  flush_hash(RECORDS)
+  flush_hash(BODIES)
+  flush_hash(RUNS)
+  flush_hash(ENDS)
   if #expiring > 0 then
     local plain = true
     for _, id in ipairs(expiring) do
@@ -227,9 +300,22 @@ local function wake(prefix)
   end
 end
 
+-- The channels to tell how a task ended: the producer's and its watchers'.
+local function channels_of(id)
+  local raw = get(RECORDS, id)
+  if not raw then
+    return nil, nil
+  end
+  if string.find(raw, '\\', 1, true) then
+    local r = record(id) -- an escaped character somewhere: let cjson read it
+    return r.reply, r.watch
+  end
+  return field(raw, 'reply'), field(raw, 'watch')
+end
+
 -- Tell the producer (and anyone who looked the task up) how the task ended.
-local function publish(r, message)
-  local reply, watchers = r.reply, r.watch
+local function publish(id, message)
+  local reply, watchers = channels_of(id)
   if reply then
     redis.call('PUBLISH', reply, message)
   end
@@ -242,36 +328,35 @@ local function publish(r, message)
   end
 end
 
+-- Queue a task (again) at its score, or at a new one behind its equals.
 local function make_ready(prefix, id, r, now)
   local score = r.score
   if not score then
     score = ready_score(prefix, r.prio or 50)
   end
   redis.call('ZADD', prefix .. 'ready', score, id)
-  r.state, r.score, r.rt, r.token = 'queued', score, int(now), nil
+  r.state, r.score, r.rt = 'queued', score, int(now)
   save(id, r)
 end
 
--- A final state: store the outcome, publish it, keep the record for result_ttl_ms.
-local function finish(prefix, id, r, state, outcome, result_ttl_ms)
-  r.state, r.outcome = state, outcome
+-- A final state: store the outcome and publish it, kept result_ttl_ms (0: not at all).
+local function finish(prefix, id, outcome, result_ttl_ms)
   redis.call('HINCRBY', prefix .. 'stats', 'finished', 1)
-  publish(r, outcome)
+  publish(id, outcome)
   if tonumber(result_ttl_ms) > 0 then
-    expire(id, r, result_ttl_ms)
+    record_end(id, outcome, result_ttl_ms, '', '')
   else
     drop(id)
   end
 end
 
 -- A final state kept in the dead letters (no expiry); returns ids dropped past the bound.
-local function bury(prefix, id, r, state, outcome, reason, max_dead)
-  r.state, r.outcome, r.dead, r.exp = state, outcome, reason, nil
-  save(id, r)
+local function bury(prefix, id, outcome, reason, max_dead, token)
+  record_end(id, outcome, 0, reason, token)
   local dead = prefix .. 'dead'
   redis.call('ZADD', dead, redis.call('INCR', prefix .. 'seq'), id)
   redis.call('HINCRBY', prefix .. 'stats', 'finished', 1)
-  publish(r, outcome)
+  publish(id, outcome)
   local dropped = {}
   local extra = redis.call('ZCARD', dead) - tonumber(max_dead)
   if extra > 0 then
@@ -292,17 +377,27 @@ local function outcome_json(id, state, attempt, error_fields, dead_reason)
   })
 end
 
--- Global limits (see _redis_limits.py). A claim records in the task's record what its
--- lease holds: concurrency counters (lc, lk) and rate limit tokens ('<interval_us> <key>'
--- in lr, lq). The script that ends the lease gives them back once (and saves the record);
--- a release (the task never started) also refunds the tokens. A freed slot wakes an idle
--- worker process, as tasks held back by a full concurrency limit wait for nothing else.
-local function release_limits(prefix, r, refund)
-  local f = {r.lc, r.lk, r.lr, r.lq}
-  if not (f[1] or f[2] or f[3] or f[4]) then
-    return
+-- A lease's value in RUNS: its token, the worker, and the global limits it holds, if any
+-- (JSON: a concurrency key may hold any character).
+local function lease_value(token, worker, hold)
+  if not (hold.lc or hold.lk or hold.lr or hold.lq) then
+    return token .. '\n' .. worker
   end
-  r.lc, r.lk, r.lr, r.lq = nil, nil, nil, nil
+  return token .. '\n' .. worker .. '\n' .. cjson.encode(hold)
+end
+
+-- Global limits (see _redis_limits.py). A claim records in the lease's value what it
+-- holds: concurrency counters (lc, lk) and rate limit tokens ('<interval_us> <key>' in
+-- lr, lq). The script that ends the lease gives them back once; a release (the task
+-- never started) also refunds the tokens. A freed slot wakes an idle worker process, as
+-- tasks held back by a full concurrency limit wait for nothing else.
+local function release_limits(prefix, lease, refund)
+  local held = lease and string.match(lease, '^[^\n]*\n[^\n]*\n(.*)$')
+  if not held then
+    return -- token and worker only: no limit held
+  end
+  local hold = cjson.decode(held)
+  local f = {hold.lc, hold.lk, hold.lr, hold.lq}
   for i = 1, 2 do
     if f[i] and redis.call('DECR', f[i]) <= 0 then
       redis.call('DEL', f[i])

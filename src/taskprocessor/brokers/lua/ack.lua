@@ -5,9 +5,10 @@
 -- Returns one reply per ack, in order: {1, dropped dead letter ids...} when recorded,
 -- {2, state} when this very lease already recorded it (a repeated call), {0, state}
 -- when the token is stale.
--- The records of the call are read with one HMGET and written with one HSET; the lease
--- removals, the expiries, the finished count and the outcome messages (one per reply
--- channel, the outcomes joined by newlines) go once per call too.
+-- The leases and records of the call are read with one HMGET each, the ends written with
+-- one HSET and the leases deleted with one HDEL; the lease removals, the expiries, the
+-- finished count and the outcome messages (one per reply channel, the outcomes joined
+-- by newlines) go once per call too. No record is decoded (see channels_of).
 local leases = KEYS[1]
 local prefix, result_ttl_ms, max_dead = ARGV[1], ARGV[2], ARGV[3]
 local keep = tonumber(result_ttl_ms) > 0
@@ -29,28 +30,30 @@ local ids = {}
 for i, ack in ipairs(acks) do
   ids[i] = ack[1]
 end
-load_many(ids)
+fetch(RUNS, ids)
+fetch(RECORDS, ids)
 for i, ack in ipairs(acks) do
-  local id, token, state, outcome, dead_reason = ack[1], ack[2], ack[3], ack[4], ack[5]
-  local r = load(id)
-  if not r or r.token ~= token then
-    replies[i] = {0, r and r.state or ''}
-  elseif r.state ~= 'running' then
-    replies[i] = {FINAL[r.state] and 2 or 0, r.state}
+  local id, token, outcome, dead_reason = ack[1], ack[2], ack[4], ack[5]
+  local held, lease = lease_of(id)
+  if held ~= token then
+    -- Not (or no longer) this lease's: recorded by it already (a repeated call), or stale.
+    fetch(ENDS, ids)
+    local state = state_of(id)
+    local e = state and FINAL[state] and ending(id)
+    replies[i] = {e and e.token == token and 2 or 0, state or ''}
   else
     ended[#ended + 1] = id
-    release_limits(prefix, r, false)
+    release_limits(prefix, lease, false)
     if dead_reason ~= '' then
-      replies[i] = {1, unpack(bury(prefix, id, r, state, outcome, dead_reason, max_dead))}
+      replies[i] = {1, unpack(bury(prefix, id, outcome, dead_reason, max_dead, token))}
     else
-      r.state, r.outcome = state, outcome
+      local reply, watchers = channels_of(id)
       if keep then
-        expire(id, r, result_ttl_ms)
+        record_end(id, outcome, result_ttl_ms, '', token)
       else
         drop(id)
       end
       finished = finished + 1
-      local reply, watchers = r.reply, r.watch
       if reply then
         tell(reply, outcome)
       end

@@ -5,12 +5,13 @@ local prefix, result_ttl_ms, reason = ARGV[1], ARGV[2], ARGV[3]
 local count = 0
 for _, set in ipairs({ready, delayed}) do
   local ids = redis.call('ZRANGE', set, 0, -1)
-  load_many(ids)
+  fetch_states(ids)
   for _, id in ipairs(ids) do
-    local r = load(id)
-    if r and r.state then
+    local state = state_of(id)
+    if state == 'queued' or state == 'scheduled' then
       local error_fields = {kind = 'cancelled', reason = reason}
-      finish(prefix, id, r, 'cancelled', outcome_json(id, 'cancelled', r.attempt, error_fields), result_ttl_ms)
+      local outcome = outcome_json(id, 'cancelled', record(id).attempt, error_fields)
+      finish(prefix, id, outcome, result_ttl_ms)
       count = count + 1
     end
   end

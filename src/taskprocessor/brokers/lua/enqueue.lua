@@ -9,9 +9,9 @@
 -- Returns one reply per task, in order: {1, id, state} when accepted, {0, existing_id,
 -- state} for a duplicate; state 'running' means the task was handed off to an idle
 -- worker process (see hand_off below).
--- The records of the whole call are read with one HMGET and written with one HSET, the
--- bodies with one HSET; the sequence numbers, the ZADDs, the count and the wake go once
--- per call too.
+-- The states of the whole call's tasks are read with one HMGET per hash, and the records
+-- and bodies written with one HSET each; the sequence numbers, the ZADDs, the count and
+-- the wake go once per call too.
 local ready, delayed, leases, idle, limits = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix, reply = ARGV[1], ARGV[2]
 local tasks = cjson.decode(ARGV[3])
@@ -48,7 +48,7 @@ local function hand_off(id, r, body, now)
       local token = int(redis.call('INCR', prefix .. 'fence'))
       local deadline = int(t + tonumber(f[2]))
       redis.call('ZADD', leases, deadline, id)
-      r.state, r.token, r.worker = 'running', token, worker
+      put(RUNS, id, lease_value(token, worker, {}))
       local inbox = prefix .. 'inbox:' .. worker
       redis.call('RPUSH', inbox, token .. ' ' .. deadline .. ' 0 ' .. r.rt .. ' ' .. #id
         .. '\n' .. id .. body)
@@ -62,61 +62,62 @@ end
 
 -- One sequence number per task, taken at once (FIFO among equals; gaps are harmless).
 local seq = redis.call('INCRBY', prefix .. 'seq', #tasks) - #tasks
-local replies, scores, due_at, stored = {}, {}, {}, {}
+local replies, scores, due_at = {}, {}, {}
 local accepted, woken = 0, false
 
 local ids = {}
 for i, task in ipairs(tasks) do
   ids[i] = task[1]
 end
-load_many(ids)
+fetch_states(ids)
 
 for i, task in ipairs(tasks) do
   local id, body, priority, due, now = task[1], task[2], task[3], task[4], task[5]
   local max_attempts, name, ckey, unique_key, unique_ttl = task[6], task[7], task[8], task[9], task[10]
   local unique = unique_key ~= '' and prefix .. 'u:' .. unique_key
   local existing = unique and redis.call('GET', unique)
-  local holder = existing and load(existing)
-  local current = not holder and load(id)
+  local holder = existing and state_of(existing)
+  local current = not holder and state_of(id)
   seq = seq + 1
-  if holder and holder.state then
-    replies[i] = {0, existing, holder.state}
+  if holder and holder ~= '' then
+    replies[i] = {0, existing, holder}
   elseif current then
-    replies[i] = {0, id, current.state or ''} -- the same id twice: a producer retrying after a lost reply
+    replies[i] = {0, id, current} -- the same id twice: a producer retrying after a lost reply
   else
-    local r = {prio = priority, attempt = 0, max = max_attempts, name = name}
+    if get(ENDS, id) then
+      put(ENDS, id, false) -- an expired end of an earlier task with this id
+    end
+    local r = {state = 'queued', prio = priority, attempt = 0, max = max_attempts, name = name}
     if ckey ~= '' then
       r.ckey = string.sub(ckey, 2)
     end
     if reply ~= '' then
       r.reply = reply
     end
+    local state = 'queued'
     if due ~= '' and tonumber(due) > tonumber(now) then
-      r.state = 'scheduled'
+      r.state, state = 'scheduled', 'scheduled'
       due_at[#due_at + 1] = due
       due_at[#due_at + 1] = id
     else
       r.score, r.rt = int((100 - tonumber(priority)) * PRIORITY_SPAN + seq), int(now)
-      if not hand_off(id, r, body, now) then
-        r.state = 'queued'
+      if hand_off(id, r, body, now) then
+        state = 'running'
+      else
         queued_here = true
         scores[#scores + 1] = r.score
         scores[#scores + 1] = id
       end
     end
     save(id, r)
-    stored[#stored + 1] = id
-    stored[#stored + 1] = body
+    put(BODIES, id, body)
     if unique then
       redis.call('SET', unique, id, 'PX', unique_ttl)
     end
     accepted = accepted + 1
-    woken = woken or r.state ~= 'running'
-    replies[i] = {1, id, r.state}
+    woken = woken or state ~= 'running'
+    replies[i] = {1, id, state}
   end
-end
-if #stored > 0 then
-  in_slices('HSET', BODIES, stored, 2)
 end
 if #scores > 0 then
   in_slices('ZADD', ready, scores, 2)

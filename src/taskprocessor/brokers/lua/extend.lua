@@ -8,15 +8,15 @@ local ids = {}
 for i = 3, #ARGV, 2 do
   ids[#ids + 1] = ARGV[i]
 end
-load_many(ids)
+fetch(RUNS, ids)
+fetch(RECORDS, ids)
 local lost, cancelled, held = {}, {}, {}
 for i = 3, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  local r = load(id)
-  if r and r.state == 'running' and r.token == token then
+  if lease_of(id) == token then
     held[#held + 1] = deadline
     held[#held + 1] = id
-    if r.cancel then
+    if field(get(RECORDS, id) or '', 'cancel') == '1' then
       cancelled[#cancelled + 1] = id
     end
   else

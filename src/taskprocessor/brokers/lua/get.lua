@@ -2,11 +2,13 @@
 -- KEYS: the records hash (routes the call to its slot). ARGV: prefix, id, channel ('' = do not watch).
 -- Returns {state, body, attempt, outcome, dead_reason}, or nil when unknown.
 local id, channel = ARGV[2], ARGV[3]
-local r = load(id)
-if not r or not r.state then
+local state = state_of(id)
+if not state or state == '' then
   return nil
 end
-if channel ~= '' and not FINAL[r.state] then
+local r = record(id) or {}
+local e = FINAL[state] and ending(id)
+if channel ~= '' and not e then
   local watchers = r.watch or ''
   if not string.find(' ' .. watchers .. ' ', ' ' .. channel .. ' ', 1, true) then
     r.watch = watchers .. ' ' .. channel
@@ -14,4 +16,5 @@ if channel ~= '' and not FINAL[r.state] then
     flush()
   end
 end
-return {r.state, redis.call('HGET', BODIES, id) or '', tostring(r.attempt or 0), r.outcome or '', r.dead or ''}
+local attempt = e and string.match(e.outcome, '"attempt":%s*(%d+)') or tostring(r.attempt or 0)
+return {state, get(BODIES, id) or '', attempt, e and e.outcome or '', e and e.dead or ''}

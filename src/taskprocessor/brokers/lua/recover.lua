@@ -14,23 +14,27 @@ local now = int(server_ms() + tonumber(ARGV[2]))
 local requeued, dead, cancelled = {}, {}, {}
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, limit)
 in_slices('ZREM', leases, expired)
-load_many(expired)
+fetch(RUNS, expired)
+fetch(RECORDS, expired)
 for _, id in ipairs(expired) do
-  local r = load(id)
-  if r and r.state == 'running' then
+  local _, lease = lease_of(id)
+  local r = lease and record(id)
+  if r then
     local attempt = (tonumber(r.attempt) or 0) + 1
     local lost = (tonumber(r.lost) or 0) + 1
-    r.attempt, r.lost, r.token = attempt, lost, nil
-    release_limits(prefix, r, false) -- the attempt may have started: its tokens are spent
+    r.attempt, r.lost = attempt, lost
+    put(RUNS, id, false)
+    release_limits(prefix, lease, false) -- the attempt may have started: its tokens are spent
     local max_lost = math.max(tonumber(r.max) or 0, 3)
     if r.cancel then
       local outcome = outcome_json(id, 'cancelled', attempt, {kind = 'cancelled', reason = 'cancelled'})
-      finish(prefix, id, r, 'cancelled', outcome, result_ttl_ms)
+      finish(prefix, id, outcome, result_ttl_ms)
       cancelled[#cancelled + 1] = id
     elseif lost >= max_lost then
       local reason = 'its worker was lost (lease expired) ' .. lost .. ' times, the most allowed'
       local error_fields = {kind = 'failed', type = 'LeaseExpired', message = reason}
-      bury(prefix, id, r, 'failed', outcome_json(id, 'failed', attempt, error_fields, reason), reason, max_dead)
+      save(id, r)
+      bury(prefix, id, outcome_json(id, 'failed', attempt, error_fields, reason), reason, max_dead)
       dead[#dead + 1] = id
     else
       make_ready(prefix, id, r, tonumber(now))

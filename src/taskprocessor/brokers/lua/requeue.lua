@@ -8,18 +8,20 @@ if not redis.call('ZSCORE', dead, id) then
   return nil
 end
 redis.call('ZREM', dead, id)
-local body = redis.call('HGET', BODIES, id)
-local r = load(id)
+local body = get(BODIES, id)
+local r = record(id)
 if not body or not r then
   drop(id)
   flush()
   return nil
 end
-r.outcome, r.dead, r.cancel, r.token, r.score, r.watch, r.exp = nil, nil, nil, nil, nil, nil, nil
+r.cancel, r.score, r.watch = nil, nil, nil
 r.attempt = 0
 if reply ~= '' then
   r.reply = reply
 end
+put(ENDS, id, false)
+put(RUNS, id, false)
 make_ready(prefix, id, r, tonumber(now))
 flush()
 redis.call('HINCRBY', prefix .. 'stats', 'enqueued', 1)

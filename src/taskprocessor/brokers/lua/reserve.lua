@@ -17,11 +17,11 @@ local promoted = false
 if first[2] and tonumber(first[2]) <= tonumber(now) then
   local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
   in_slices('ZREM', delayed, due)
-  load_many(due)
+  fetch(RECORDS, due)
   local seq = redis.call('INCRBY', prefix .. 'seq', #due) - #due
   local scores = {}
   for _, id in ipairs(due) do
-    local r = load(id)
+    local r = record(id)
     seq = seq + 1
     if r and r.prio then
       r.state, r.score, r.rt = 'queued', int((100 - tonumber(r.prio)) * PRIORITY_SPAN + seq), now
@@ -43,9 +43,10 @@ local deadline = int(server_ms() + tonumber(lease_ms))
 
 local leased = {} -- {id, hold} of each task to lease, in order (hold: limit fields)
 
--- The leases are written once the claim is done (lease_all): one HMGET of the bodies,
--- one INCRBY for the fencing tokens, one ZADD for the deadlines and the records' one
--- HSET (in flush), whatever the number of tasks.
+-- The leases are written once the claim is done (lease_all): one HMGET each of the
+-- records and the bodies, one INCRBY for the fencing tokens, one ZADD for the deadlines
+-- and one HSET of the leases (in flush), whatever the number of tasks. The records are
+-- only searched for three fields (see field), not decoded.
 local function take(id, hold)
   taken = taken + 1
   leased[#leased + 1] = {id, hold}
@@ -59,32 +60,35 @@ local function lease_all()
   for i, lease in ipairs(leased) do
     ids[i] = lease[1]
   end
-  load_many(ids)
-  local found = bodies(ids)
+  fetch(RECORDS, ids)
+  fetch(BODIES, ids)
   local token = redis.call('INCRBY', prefix .. 'fence', #leased) - #leased
   local scores = {}
-  for i, lease in ipairs(leased) do
-    local id, body, r = lease[1], found[i], load(lease[1]) or {}
+  for _, lease in ipairs(leased) do
+    local id = lease[1]
+    local body, raw = get(BODIES, id), get(RECORDS, id) or ''
     if not body then
       -- An id without a body (written by hand, or by a foreign tool): nothing to run.
       local reason = 'no task body is stored for this id'
       local error_fields = {kind = 'failed', type = 'DecodeError', message = reason}
-      bury(prefix, id, r, 'failed', outcome_json(id, 'failed', 0, error_fields, reason), reason, max_dead)
+      bury(prefix, id, outcome_json(id, 'failed', 0, error_fields, reason), reason, max_dead)
     else
       token = token + 1
-      r.state, r.token, r.worker = 'running', int(token), ARGV[7]
+      local hold = {}
       for j = 1, #lease[2], 2 do
-        r[lease[2][j]] = lease[2][j + 1]
+        hold[lease[2][j]] = lease[2][j + 1]
       end
-      save(id, r)
+      local mine = int(token)
+      put(RUNS, id, lease_value(mine, ARGV[7], hold))
       scores[#scores + 1] = deadline
       scores[#scores + 1] = id
       out[#out + 1] = id
       out[#out + 1] = body
-      out[#out + 1] = tostring(r.attempt or 0)
-      out[#out + 1] = r.token
-      out[#out + 1] = r.rt or now
-      out[#out + 1] = r.cancel or ''
+      -- As stored, even if it is no count: the client dead-letters what it cannot read.
+      out[#out + 1] = field(raw, 'attempt') or '0'
+      out[#out + 1] = mine
+      out[#out + 1] = field(raw, 'rt') or now
+      out[#out + 1] = field(raw, 'cancel') or ''
     end
   end
   if #scores > 0 then
@@ -255,15 +259,15 @@ else
     if #page == 0 then
       break
     end
-    load_many(page)
+    fetch(RECORDS, page)
     for _, id in ipairs(page) do
       if taken >= n then
         break
       end
-      local r = load(id) or {}
+      local r = record(id) or {}
       local name, key = r.name, r.ckey
       if not name then
-        local body = redis.call('HGET', BODIES, id)
+        local body = get(BODIES, id)
         if body then
           name, key = learn(id, r, body)
         end

@@ -5,13 +5,14 @@
 local leases, ready, delayed = KEYS[1], KEYS[2], KEYS[3]
 local prefix, id, token, attempt, due, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 
-local r = load(id)
-if not r or r.state ~= 'running' or r.token ~= token then
-  return {0, r and r.state or ''}
+local held, lease = lease_of(id)
+local r = held == token and record(id)
+if not r then
+  return {0, state_of(id) or ''}
 end
 redis.call('ZREM', leases, id)
-r.token = nil
-release_limits(prefix, r, attempt == '') -- a release never started: its tokens go back
+put(RUNS, id, false)
+release_limits(prefix, lease, attempt == '') -- a release never started: its tokens go back
 if attempt == '' then
   -- release: back to the exact position it was popped from
   redis.call('ZADD', ready, r.score, id)

@@ -38,12 +38,11 @@ for _, item in ipairs(items) do
 end
 for _, item in ipairs(parsed) do
   local id, token = item[1], item[2]
-  local r = load(id)
-  if r and r.state == 'running' and r.token == token and r.score then
+  local r = lease_of(id) == token and record(id)
+  if r and r.score then
     redis.call('ZREM', leases, id)
     redis.call('ZADD', ready, r.score, id)
-    r.state, r.token = 'queued', nil
-    save(id, r)
+    put(RUNS, id, false)
     back[#back + 1] = id
   end
 end
