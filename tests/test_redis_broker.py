@@ -629,6 +629,28 @@ async def test_an_expired_record_reads_as_absent_and_is_swept_later() -> None:
             assert client.llen(f"{keys.prefix}exp") == 1  # the entry of reused.id's new end
 
 
+async def test_a_batch_costs_redis_commands_per_call_not_per_task() -> None:
+    """Submitting, claiming and acknowledging 200 tasks in batches runs a few Redis
+    commands per script call (inside the scripts too), not a few per task."""
+    harness = RedisHarness(require_redis())
+    async with harness.open_redis() as broker:
+        records = [make(harness.queue) for _ in range(200)]
+        with sync_client() as client:
+
+            def calls() -> int:
+                stats: dict[str, dict[str, int]] = client.info("commandstats")
+                return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+            before = calls()
+            await broker.enqueue_many(records)
+            claimed, _, _ = await broker._consumer.claim(200)
+            await asyncio.gather(*(broker.ack(r, TaskState.SUCCEEDED) for r in claimed))
+            spent = calls() - before
+        assert sorted(r.id for r in claimed) == sorted(r.id for r in records)
+        assert await finished(records[-1]) is TaskState.SUCCEEDED
+        assert spent < 100, spent  # one hash per task cost over 1,000 here
+
+
 async def test_stored_task_is_a_json_envelope_never_pickle() -> None:
     """What Redis holds is the versioned JSON envelope plus plain bookkeeping fields."""
     harness = RedisHarness(require_redis())

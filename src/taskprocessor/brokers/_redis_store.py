@@ -182,9 +182,9 @@ def stored_fields(
     """A task as the four hashes hold it, as one dict ({} when nothing is stored).
 
     The record's fields (see the module's docstring), with ``body``; while a lease holds
-    it, ``state`` "running", ``token``, ``worker`` and the limits held; once finished, ``state`` (from the
-    outcome), ``outcome``, ``dead`` (the dead-letter reason, "" if none) and ``exp``
-    (expiry, ms on the server's clock, "" for a dead letter).
+    it, ``state`` "running", ``token``, ``worker`` and the limits held; once finished,
+    ``state`` (from the outcome), ``outcome``, ``dead`` (the dead-letter reason, "" if
+    none) and ``exp`` (expiry, ms on the server's clock, "" for a dead letter).
     """
     fields: dict[str, Any] = {}
     if record is not None:

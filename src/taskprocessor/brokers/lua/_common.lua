@@ -11,8 +11,9 @@
 --                 lost (leases lost), cancel. Numbers of more than 14 digits (score) are
 --                 strings: cjson, like Lua's tostring, keeps 14 digits.
 --   <prefix>body  id -> the task's body, as submitted
---   <prefix>run   id -> '<token>\n<worker>', and '\n<lc>\n<lk>\n<lr>\n<lq>' when the
---                 lease holds global limits (see release_limits): the task is running
+--   <prefix>run   id -> '<token>\n<worker>', and '\n' and a JSON object of lc, lk, lr,
+--                 lq when the lease holds global limits (see release_limits): the task
+--                 is running
 --   <prefix>end   id -> '<exp_ms>\n<token>\n<outcome>\n<dead reason>': the task is
 --                 finished (the outcome's own state field says how); exp_ms is '' for a
 --                 dead letter, token that of the lease that recorded it ('' for none)
@@ -23,7 +24,9 @@
 --
 -- A script reads what it needs of a batch first (fetch: one HMGET per hash), works on
 -- the values in memory, and writes every change at the end with flush(): one HDEL and
--- one HSET per hash.
+-- one HSET per hash. The two hot scripts (reserve's leasing, ack) do the same on plain
+-- arrays, without these helpers' per-task bookkeeping, and search records for the few
+-- fields they need instead of decoding them (field).
 
 local PRIORITY_SPAN = 70368744177664 -- 2^46 sequence numbers per priority level
 

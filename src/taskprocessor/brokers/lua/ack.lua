@@ -6,9 +6,10 @@
 -- {2, state} when this very lease already recorded it (a repeated call), {0, state}
 -- when the token is stale.
 -- The leases and records of the call are read with one HMGET each, the ends written with
--- one HSET and the leases deleted with one HDEL; the lease removals, the expiries, the
--- finished count and the outcome messages (one per reply channel, the outcomes joined
--- by newlines) go once per call too. No record is decoded (see channels_of).
+-- one HSET and the leases deleted with one HDEL; the lease removals, the expiry entry,
+-- the finished count and the outcome messages (one per reply channel, the outcomes
+-- joined by newlines) go once per call too. No record is decoded: the reply channels
+-- are found in it (see field in _common.lua).
 local leases = KEYS[1]
 local prefix, result_ttl_ms, max_dead = ARGV[1], ARGV[2], ARGV[3]
 local keep = tonumber(result_ttl_ms) > 0
@@ -26,32 +27,64 @@ local function tell(channel, outcome)
   list[#list + 1] = outcome
 end
 
+-- The hot path works on plain arrays: no per-task table but the reply.
+local count = #acks
 local ids = {}
-for i, ack in ipairs(acks) do
-  ids[i] = ack[1]
+for i = 1, count do
+  ids[i] = acks[i][1]
 end
-fetch(RUNS, ids)
-fetch(RECORDS, ids)
-for i, ack in ipairs(acks) do
-  local id, token, outcome, dead_reason = ack[1], ack[2], ack[4], ack[5]
-  local held, lease = lease_of(id)
-  if held ~= token then
+local leased, raws = {}, {}
+for first = 1, count, BATCH do
+  local last = math.min(first + BATCH - 1, count)
+  local l = redis.call('HMGET', RUNS.key, unpack(ids, first, last))
+  local r = redis.call('HMGET', RECORDS.key, unpack(ids, first, last))
+  for i = first, last do
+    leased[i], raws[i] = l[i - first + 1], r[i - first + 1]
+  end
+end
+local done, gone, exp = {}, {}, keep and int(clock() + tonumber(result_ttl_ms)) or nil
+local acked = {} -- id -> {token, state} recorded by this call (an id may come twice)
+for i = 1, count do
+  local ack = acks[i]
+  local id, token, outcome, dead_reason = ids[i], ack[2], ack[4], ack[5]
+  local lease = leased[i]
+  local mine = lease and string.sub(lease, 1, #token + 1) == token .. '\n'
+  if acked[id] then
+    replies[i] = {acked[id][1] == token and 2 or 0, acked[id][2]}
+  elseif not mine then
     -- Not (or no longer) this lease's: recorded by it already (a repeated call), or stale.
-    fetch(ENDS, ids)
+    RUNS.seen[id], RECORDS.seen[id] = lease or false, raws[i] or false
+    fetch(ENDS, {id})
     local state = state_of(id)
     local e = state and FINAL[state] and ending(id)
     replies[i] = {e and e.token == token and 2 or 0, state or ''}
   else
+    acked[id] = {token, ack[3]}
     ended[#ended + 1] = id
-    release_limits(prefix, lease, false)
+    if string.find(lease, '\n', #token + 2, true) then
+      release_limits(prefix, lease, false)
+    end
     if dead_reason ~= '' then
+      RUNS.seen[id], RECORDS.seen[id] = lease, raws[i] or false
       replies[i] = {1, unpack(bury(prefix, id, outcome, dead_reason, max_dead, token))}
     else
-      local reply, watchers = channels_of(id)
+      local raw = raws[i]
+      local reply, watchers
+      if raw then
+        if string.find(raw, '\\', 1, true) then
+          RECORDS.seen[id] = raw
+          local r = record(id) -- an escaped character somewhere: let cjson read it
+          reply, watchers = r.reply, r.watch
+        else
+          reply, watchers = field(raw, 'reply'), field(raw, 'watch')
+        end
+      end
       if keep then
-        record_end(id, outcome, result_ttl_ms, '', token)
+        done[#done + 1] = id
+        done[#done + 1] = exp .. '\n' .. token .. '\n' .. outcome .. '\n'
+        expiring[#expiring + 1] = id
       else
-        drop(id)
+        gone[#gone + 1] = id
       end
       finished = finished + 1
       if reply then
@@ -67,6 +100,16 @@ for i, ack in ipairs(acks) do
       replies[i] = {1}
     end
   end
+end
+if #expiring > 0 then
+  expiring_at = math.max(expiring_at or 0, tonumber(exp))
+end
+in_slices('HDEL', RUNS.key, ended)
+in_slices('HSET', ENDS.key, done, 2)
+if #gone > 0 then
+  in_slices('HDEL', RECORDS.key, gone)
+  in_slices('HDEL', BODIES.key, gone)
+  in_slices('HDEL', ENDS.key, gone)
 end
 in_slices('ZREM', leases, ended)
 sweep()

@@ -41,7 +41,8 @@ local taken = 0
 local wake_ms = nil
 local deadline = int(server_ms() + tonumber(lease_ms))
 
-local leased = {} -- {id, hold} of each task to lease, in order (hold: limit fields)
+local leased = {} -- the ids to lease, in order
+local holds = {}  -- id -> the limits its lease takes ({field, key, ...}), if any
 
 -- The leases are written once the claim is done (lease_all): one HMGET each of the
 -- records and the bodies, one INCRBY for the fencing tokens, one ZADD for the deadlines
@@ -49,24 +50,32 @@ local leased = {} -- {id, hold} of each task to lease, in order (hold: limit fie
 -- only searched for three fields (see field), not decoded.
 local function take(id, hold)
   taken = taken + 1
-  leased[#leased + 1] = {id, hold}
+  leased[taken] = id
+  if hold and #hold > 0 then
+    holds[id] = hold
+  end
 end
 
 local function lease_all()
-  if #leased == 0 then
+  local count = #leased
+  if count == 0 then
     return
   end
-  local ids = {}
-  for i, lease in ipairs(leased) do
-    ids[i] = lease[1]
+  -- The hot path: plain arrays, no per-task table (see _common.lua for the helpers).
+  local raws, found = {}, {}
+  for first = 1, count, BATCH do
+    local last = math.min(first + BATCH - 1, count)
+    local r = redis.call('HMGET', RECORDS.key, unpack(leased, first, last))
+    local b = redis.call('HMGET', BODIES.key, unpack(leased, first, last))
+    for i = first, last do
+      raws[i], found[i] = r[i - first + 1], b[i - first + 1]
+    end
   end
-  fetch(RECORDS, ids)
-  fetch(BODIES, ids)
-  local token = redis.call('INCRBY', prefix .. 'fence', #leased) - #leased
-  local scores = {}
-  for _, lease in ipairs(leased) do
-    local id = lease[1]
-    local body, raw = get(BODIES, id), get(RECORDS, id) or ''
+  local token = redis.call('INCRBY', prefix .. 'fence', count) - count
+  local scores, runs, worker = {}, {}, ARGV[7]
+  local o = #out
+  for i = 1, count do
+    local id, body, raw = leased[i], found[i], raws[i] or ''
     if not body then
       -- An id without a body (written by hand, or by a foreign tool): nothing to run.
       local reason = 'no task body is stored for this id'
@@ -74,25 +83,30 @@ local function lease_all()
       bury(prefix, id, outcome_json(id, 'failed', 0, error_fields, reason), reason, max_dead)
     else
       token = token + 1
-      local hold = {}
-      for j = 1, #lease[2], 2 do
-        hold[lease[2][j]] = lease[2][j + 1]
-      end
       local mine = int(token)
-      put(RUNS, id, lease_value(mine, ARGV[7], hold))
+      local hold = holds[id]
+      local value = mine .. '\n' .. worker
+      if hold then
+        local held = {}
+        for j = 1, #hold, 2 do
+          held[hold[j]] = hold[j + 1]
+        end
+        value = lease_value(mine, worker, held)
+      end
+      runs[#runs + 1] = id
+      runs[#runs + 1] = value
       scores[#scores + 1] = deadline
       scores[#scores + 1] = id
-      out[#out + 1] = id
-      out[#out + 1] = body
-      -- As stored, even if it is no count: the client dead-letters what it cannot read.
-      out[#out + 1] = field(raw, 'attempt') or '0'
-      out[#out + 1] = mine
-      out[#out + 1] = field(raw, 'rt') or now
-      out[#out + 1] = field(raw, 'cancel') or ''
+      -- attempt as stored, even if it is no count: the client dead-letters what it
+      -- cannot read
+      out[o + 1], out[o + 2], out[o + 3] = id, body, field(raw, 'attempt') or '0'
+      out[o + 4], out[o + 5], out[o + 6] = mine, field(raw, 'rt') or now, field(raw, 'cancel') or ''
+      o = o + 6
     end
   end
   if #scores > 0 then
     in_slices('ZADD', leases, scores, 2)
+    in_slices('HSET', RUNS.key, runs, 2)
   end
 end
 
@@ -100,7 +114,7 @@ if redis.call('EXISTS', limits) == 0 then
   -- No global limits on this queue: the n best, whatever they are.
   local popped = redis.call('ZPOPMIN', ready, n)
   for i = 1, #popped, 2 do
-    take(popped[i], {})
+    take(popped[i], nil)
   end
 else
   local t = redis.call('TIME')
