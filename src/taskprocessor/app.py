@@ -11,13 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, final, overload
 
 from taskprocessor._declarations import TaskDeclarations
-from taskprocessor._submit_checks import (
-    PutsNowait,
-    check_plain,
-    delay_of,
-    keeps_unique_keys,
-    seconds,
-)
+from taskprocessor._submission import build_record
+from taskprocessor._submit_checks import PutsNowait, keeps_unique_keys
 from taskprocessor._threadsafe import ThreadsafeSubmitter
 from taskprocessor.brokers import Broker, BrokerStatistics, open_broker
 from taskprocessor.clock import Clock, LoopClock
@@ -47,12 +42,11 @@ from taskprocessor.handles import (
     Task,
     _TaskDecorator,
 )
-from taskprocessor.payload import find_unplain
 from taskprocessor.resilience.adaptive import AdaptiveLimit
 from taskprocessor.resilience.breaker import BreakerState, CircuitBreaker
 from taskprocessor.resilience.ratelimit import RateLimit
 from taskprocessor.resilience.retry import RetryPolicy
-from taskprocessor.task import Priority, TaskRecord, new_record, validate_priority
+from taskprocessor.task import Priority, TaskRecord
 
 __all__ = ["ProcessorState", "ProcessorStatistics", "TaskProcessor"]
 
@@ -317,48 +311,20 @@ class TaskProcessor:
         ttl: float | None = None,
         timeout: float | None = None,
     ) -> TaskRecord:
-        """Validate a submission and build its record (not yet queued)."""
-        definition.bind(args, kwargs)
-        if self._validate and (args or kwargs):
-            check_plain(definition.name, args, kwargs)
-        if (
-            priority is None
-            and key is None
-            and timeout is None
-            and ttl is None
-            and delay is None
-            and eta is None
-            and definition.key is None
-        ):
-            # No options and no key function (the common submit): the definition's
-            # defaults as they are, positionally, nothing more to check.
-            return new_record(
-                definition.name,
-                args,
-                kwargs,
-                definition.priority,
-                definition.queue,
-                definition.timeout,
-                definition.ttl,
-            )
-        record = TaskRecord(
-            definition.name,
+        """Validate a submission and build its record (not yet queued); see `build_record`."""
+        return build_record(
+            definition,
             args,
             kwargs,
-            priority=definition.priority if priority is None else validate_priority(priority),
-            queue=definition.queue,
-            key=definition.key_for(args, kwargs) if key is None else str(key),
-            timeout=definition.timeout if timeout is None else seconds("timeout", timeout),
-            ttl=definition.ttl if ttl is None else seconds("ttl", ttl),
+            clock=self.clock,
+            validate=self._validate,
+            priority=priority,
+            delay=delay,
+            eta=eta,
+            key=key,
+            ttl=ttl,
+            timeout=timeout,
         )
-        if self._validate and record.key is not None and find_unplain(record.key) is not None:
-            raise ConfigurationError(
-                "key", record.key, "text without lone surrogates (UTF-8 cannot carry them)"
-            )
-        if delay is not None or eta is not None:
-            due_in = delay_of(delay, eta)
-            record.eta = self.clock.now() + due_in
-        return record
 
     async def submit_record(
         self,
@@ -402,16 +368,8 @@ class TaskProcessor:
         Raises:
             ProcessorClosed: The processor is stopping or closed.
         """
-        state = self._state
-        if state is ProcessorState.STOPPING or state is ProcessorState.CLOSED:
-            self._check_open()
-        definition = self._tasks.get(record.name)
-        if definition is not None:
-            for hook in definition.hooks.on_submit:
-                try:
-                    hook(record)
-                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                    hook_failed(hook)
+        self._check_open()
+        self._on_submit(record)
         put_nowait = self._put_nowait
         return put_nowait is not None and put_nowait(record)
 
@@ -433,7 +391,7 @@ class TaskProcessor:
 
     def _on_submit(self, record: TaskRecord) -> None:
         definition = self._tasks.get(record.name)
-        if definition is not None:
+        if definition is not None and definition.hooks.on_submit:
             for hook in definition.hooks.on_submit:
                 try:
                     hook(record)

@@ -295,11 +295,13 @@ class Task(Generic[R]):
             )
         else:
             record = app.build_record(definition, args, kwargs)
-        for hook in definition.hooks.on_submit:
-            try:
-                hook(record)
-            except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
-                hook_failed(hook)
+        on_submit = definition.hooks.on_submit
+        if on_submit:  # no iterator made for the usual empty tuple
+            for hook in on_submit:
+                try:
+                    hook(record)
+                except Exception:  # noqa: BLE001 - hook_failed logs it with its traceback
+                    hook_failed(hook)
         if app._put_nowait is not None and app._put_nowait(record):
             # JobHandle(app, record) without the Python-level __init__ call.
             handle: JobHandle[R] = _new(JobHandle)

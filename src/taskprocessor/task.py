@@ -108,12 +108,66 @@ _NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 # probability, and about ten times cheaper than uuid4() on the submit path. The counter
 # is written in decimal: a format spec (":x") costs twice as much as plain str().
 _ID_PREFIX: Final = os.urandom(6).hex() + "-"
+_ID_PREFIX_LEN: Final = len(_ID_PREFIX)
 _id_counter = itertools.count(1)
 
 
 def new_task_id() -> str:
     """Return a new task id, unique across processes."""
     return f"{_ID_PREFIX}{next(_id_counter)}"
+
+
+def id_index(task_id: str) -> int | str:
+    """Return the form in which a record holds ``task_id``: its index in a broker.
+
+    An id made in this process (the prefix, then a counter) is held as the counter, an
+    int; any other id as the string. A broker that indexes its records by
+    ``record._id`` finds one by id with this.
+    """
+    if task_id.startswith(_ID_PREFIX):
+        digits = task_id[_ID_PREFIX_LEN:]
+        # Only the exact form new_task_id makes (no sign, no leading zero, no
+        # non-ASCII digit; no counter here reaches 19 digits) maps to a number, so the
+        # id reads back as it was given.
+        if 0 < len(digits) <= 18 and digits.isascii() and digits.isdigit():
+            number = int(digits)
+            if str(number) == digits:
+                return number
+    return task_id
+
+
+@final
+class _Rare:
+    """The fields of a record that most tasks leave at None, made on the first write.
+
+    A record without them carries one empty slot instead of eight: every slot costs a
+    store when a record is made and a visit each time the cycle collector walks it.
+    """
+
+    __slots__ = (
+        "admission_pass",
+        "dead_letter_reason",
+        "eta",
+        "expires_at",
+        "headers",
+        "key",
+        "waiter",
+        "waiters",
+    )
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.headers: dict[str, str] | None = None
+        self.eta: float | None = None
+        self.expires_at: float | None = None
+        self.dead_letter_reason: str | None = None
+        # The shared completion future (see TaskRecord.completion).
+        self.waiter: asyncio.Future[None] | None = None
+        # Futures of single callers (see TaskRecord.waiter): one, a list of several, or None.
+        self.waiters: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
+        # Process-local, never serialised: the admission stage that booked a slot for
+        # this task while it was parked (see taskprocessor.engine.admission).
+        self.admission_pass: object = None
 
 
 @final
@@ -123,37 +177,35 @@ class TaskRecord:
     Arguments and results are plain data, so the record can cross a process boundary.
     The fields from ``state`` on change as the task moves; only the broker that holds
     the record changes them (single-threaded, on the event loop).
+
+    The id is made when first read: the record holds its number (see `id_index`). The
+    fields most tasks leave at None (``key``, ``headers``, ``eta``, ``expires_at``,
+    ``dead_letter_reason``, ``admission_pass``) are properties over a side object made
+    on the first write. ``sort_key`` is ``-priority`` unless a broker sets another.
     """
 
     __slots__ = (
-        "_waiter",
-        "_waiters",
-        "admission_pass",
+        "_id",
+        "_rare",
+        "_sort_key",
         "args",
         "attempt",
-        "dead_letter_reason",
         "enqueued_at",
         "error",
-        "eta",
-        "expires_at",
         "finished_at",
-        "headers",
-        "id",
-        "key",
         "kwargs",
         "name",
         "priority",
         "queue",
         "result",
         "seq",
-        "sort_key",
         "started_at",
         "state",
         "timeout",
         "ttl",
     )
 
-    def __init__(  # noqa: PLR0917 - positional for the submit fast path (app.build_record)
+    def __init__(  # noqa: PLR0917 - positional, as the submit paths build it
         self,
         name: str,
         args: tuple[Any, ...],
@@ -166,41 +218,127 @@ class TaskRecord:
         ttl: float | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        # new_task_id() inline: a Python call less on every submit.
-        self.id = task_id if task_id is not None else f"{_ID_PREFIX}{next(_id_counter)}"
+        self._id: int | str = next(_id_counter) if task_id is None else id_index(task_id)
         self.name = name
         self.args = args
         self.kwargs = kwargs
         self.priority = priority
         self.queue = queue
-        self.key = key
         self.timeout = timeout
         self.ttl = ttl
-        self.headers = headers
         self.attempt = 0
         self.state = _QUEUED
         self.enqueued_at = 0.0
-        self.eta: float | None = None
-        self.expires_at: float | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.result: Any = None
         self.error: BaseException | None = None
-        self.dead_letter_reason: str | None = None
         self.seq = 0
-        self.sort_key = 0.0
-        self._waiter: asyncio.Future[None] | None = None
-        # Futures of single callers (see `waiter`): one, a list of several, or None.
-        self._waiters: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
-        # Process-local, never serialised: the admission stage that booked a slot for
-        # this task while it was parked (see taskprocessor.engine.admission).
-        self.admission_pass: object = None
+        self._sort_key: float | None = None  # None: -priority (see sort_key)
+        self._rare: _Rare | None = None
+        if key is not None:
+            self.key = key
+        if headers is not None:
+            self.headers = headers
+
+    @property
+    def id(self) -> str:
+        """The task id, unique across processes."""
+        task_id = self._id
+        return task_id if type(task_id) is str else f"{_ID_PREFIX}{task_id}"
+
+    @id.setter
+    def id(self, task_id: str) -> None:
+        self._id = id_index(task_id)
+
+    def _more(self) -> _Rare:
+        rare = self._rare
+        if rare is None:
+            rare = self._rare = _Rare()
+        return rare
+
+    @property
+    def key(self) -> str | None:
+        """The concurrency key, or None."""
+        rare = self._rare
+        return None if rare is None else rare.key
+
+    @key.setter
+    def key(self, value: str | None) -> None:
+        if value is not None or self._rare is not None:
+            self._more().key = value
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """Message headers (the W3C trace context), or None."""
+        rare = self._rare
+        return None if rare is None else rare.headers
+
+    @headers.setter
+    def headers(self, value: dict[str, str] | None) -> None:
+        if value is not None or self._rare is not None:
+            self._more().headers = value
+
+    @property
+    def eta(self) -> float | None:
+        """Clock time at which a scheduled task becomes ready, or None."""
+        rare = self._rare
+        return None if rare is None else rare.eta
+
+    @eta.setter
+    def eta(self, value: float | None) -> None:
+        if value is not None or self._rare is not None:
+            self._more().eta = value
+
+    @property
+    def expires_at(self) -> float | None:
+        """Clock time at which its queue TTL ends, or None."""
+        rare = self._rare
+        return None if rare is None else rare.expires_at
+
+    @expires_at.setter
+    def expires_at(self, value: float | None) -> None:
+        if value is not None or self._rare is not None:
+            self._more().expires_at = value
+
+    @property
+    def dead_letter_reason(self) -> str | None:
+        """Why it was dead-lettered, or None."""
+        rare = self._rare
+        return None if rare is None else rare.dead_letter_reason
+
+    @dead_letter_reason.setter
+    def dead_letter_reason(self, value: str | None) -> None:
+        if value is not None or self._rare is not None:
+            self._more().dead_letter_reason = value
+
+    @property
+    def sort_key(self) -> float:
+        """Its place among tasks waiting alike, smallest first: ``-priority`` unless set."""
+        key = self._sort_key
+        return -self.priority if key is None else key
+
+    @sort_key.setter
+    def sort_key(self, value: float) -> None:
+        self._sort_key = value
+
+    @property
+    def admission_pass(self) -> object:
+        """The admission stage that booked a slot for this parked task (process-local)."""
+        rare = self._rare
+        return None if rare is None else rare.admission_pass
+
+    @admission_pass.setter
+    def admission_pass(self, value: object) -> None:
+        if value is not None or self._rare is not None:
+            self._more().admission_pass = value
 
     def completion(self) -> asyncio.Future[None]:
         """Return a future that is done once the record reaches a final state."""
-        waiter = self._waiter
+        rare = self._more()
+        waiter = rare.waiter
         if waiter is None:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = rare.waiter = asyncio.get_running_loop().create_future()
             if self.state in FINAL_STATES:
                 waiter.set_result(None)
         return waiter
@@ -217,39 +355,47 @@ class TaskRecord:
         if self.state in FINAL_STATES:
             future.set_result(None)
             return future
-        waiters = self._waiters
+        rare = self._more()
+        waiters = rare.waiters
         if waiters is None:
-            self._waiters = future
+            rare.waiters = future
         elif isinstance(waiters, list):
             waiters.append(future)
         else:
-            self._waiters = [waiters, future]
+            rare.waiters = [waiters, future]
         return future
 
     def drop_waiter(self, future: asyncio.Future[None]) -> None:
         """Forget a `waiter` future whose caller stopped waiting."""
-        waiters = self._waiters
+        rare = self._rare
+        if rare is None:
+            return
+        waiters = rare.waiters
         if waiters is future:
-            self._waiters = None
+            rare.waiters = None
         elif isinstance(waiters, list) and future in waiters:
             waiters.remove(future)
 
     def settle(self) -> None:
         """Wake everything waiting in `completion`; called by the broker after a final state."""
-        waiter = self._waiter
+        rare = self._rare
+        if rare is None:
+            return
+        waiter = rare.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        waiters = self._waiters
+        waiters = rare.waiters
         if waiters is not None:
-            self._waiters = None
+            rare.waiters = None
             for future in waiters if isinstance(waiters, list) else (waiters,):
                 if not future.done():
                     future.set_result(None)
 
     def reopen(self) -> None:
         """Forget a settled completion so that a requeued task can be waited for again."""
-        if self._waiter is not None and self._waiter.done():
-            self._waiter = None
+        rare = self._rare
+        if rare is not None and rare.waiter is not None and rare.waiter.done():
+            rare.waiter = None
 
     def __repr__(self) -> str:
         return (
@@ -277,31 +423,24 @@ def new_record(  # noqa: PLR0917 - positional: called once per submit
     set as `TaskRecord.__init__` sets it (a test compares the two).
     """
     record: TaskRecord = _new(TaskRecord)
-    record.id = f"{_ID_PREFIX}{next(_id_counter)}"
+    record._id = next(_id_counter)
     record.name = name
     record.args = args
     record.kwargs = kwargs
     record.priority = priority
     record.queue = queue
-    record.key = None
     record.timeout = timeout
     record.ttl = ttl
-    record.headers = None
     record.attempt = 0
     record.state = _QUEUED
     record.enqueued_at = 0.0
-    record.eta = None
-    record.expires_at = None
     record.started_at = None
     record.finished_at = None
     record.result = None
     record.error = None
-    record.dead_letter_reason = None
     record.seq = 0
-    record.sort_key = 0.0
-    record._waiter = None
-    record._waiters = None
-    record.admission_pass = None
+    record._sort_key = None
+    record._rare = None
     return record
 
 

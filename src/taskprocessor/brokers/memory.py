@@ -37,7 +37,7 @@ from taskprocessor.errors import (
     TaskError,
     TaskExpired,
 )
-from taskprocessor.task import TaskRecord, TaskState
+from taskprocessor.task import TaskRecord, TaskState, id_index
 
 __all__ = ["MemoryBroker"]
 
@@ -103,10 +103,12 @@ class MemoryBroker:
         self._delayed: list[tuple[float, int, TaskRecord]] = []
         self._delay_timer: Timer | None = None
         self._delay_timer_at = float("inf")
-        self._expiry_timers: dict[str, Timer] = {}
+        # Indexed by record._id, the form a record holds its id in (see id_index): the
+        # counter of an id made in this process, so no id string is made to index it.
+        self._expiry_timers: dict[int | str, Timer] = {}
         self._size = 0  # live queued + scheduled
         self._scheduled = 0
-        self._tasks: dict[str, TaskRecord] = {}  # every non-final task
+        self._tasks: dict[int | str, TaskRecord] = {}  # every non-final task
         self._kept = Kept(result_ttl, max_dead_letters)
         self._getters: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
@@ -177,24 +179,24 @@ class MemoryBroker:
             if self._closed:
                 raise ProcessorClosed("the broker is closed; tasks can no longer be submitted")
             return False
-        if record.ttl is not None or record.eta is not None:
-            self._accept(record)
+        if record.ttl is not None or record._rare is not None:
+            self._accept(record)  # a ttl, an eta, a key, headers: the general path
             return True
-        # _accept and _push_ready for the common task (ready now, no ttl), inline.
+        # _accept and _push_ready for the common task (ready now, no ttl, no rare
+        # field), inline.
         now = self._now()
         record.enqueued_at = now
         self._size += 1
         self._enqueued_total += 1
-        self._tasks[record.id] = record
+        self._tasks[record._id] = record
         record.state = _QUEUED
         record.seq = next(self._seq)
         lanes = self._lanes
         if lanes is not None:
-            # lanes.listed_lane, inline.
+            # lanes.listed_lane, inline; the sort_key is -priority, the lane's level.
             lane = lanes.get(record.priority)
             if lane is None:
                 lane = lanes.new_lane(record.priority)
-            record.sort_key = lane.level
             if not lane.listed:
                 lane.listed = True
                 heapq.heappush(lanes.levels, lane.level)
@@ -211,15 +213,16 @@ class MemoryBroker:
         record.enqueued_at = now
         self._size += 1
         self._enqueued_total += 1
-        self._tasks[record.id] = record
+        self._tasks[record._id] = record
+        eta = record.eta
         if record.ttl is not None:
-            start = record.eta if record.eta is not None else now
+            start = eta if eta is not None else now
             expires_at = record.expires_at = start + record.ttl
-            self._expiry_timers[record.id] = self._clock.call_at(
+            self._expiry_timers[record._id] = self._clock.call_at(
                 expires_at, partial(self._expire, record)
             )
-        if record.eta is not None and record.eta > now:
-            self._schedule(record, record.eta)
+        if eta is not None and eta > now:
+            self._schedule(record, eta)
         else:
             self._push_ready(record, now)
 
@@ -358,7 +361,7 @@ class MemoryBroker:
         record.state = _RUNNING
         self._size -= 1
         if record.ttl is not None:
-            timer = self._expiry_timers.pop(record.id, None)
+            timer = self._expiry_timers.pop(record._id, None)
             if timer is not None:
                 timer.cancel()
         if self._putters:
@@ -412,15 +415,15 @@ class MemoryBroker:
         record.error = error
         record.finished_at = self._now()
         self._finished_total += 1
-        del self._tasks[record.id]
+        del self._tasks[record._id]
         if self._result_ttl > 0:
             self._kept.keep(record, record.finished_at)
         if dead_letter is not None:
             record.dead_letter_reason = dead_letter
             self._kept.bury(record)
-        # TaskRecord.settle only when someone waits: most records are waited for after
-        # they finish, if at all.
-        if record._waiter is not None or record._waiters is not None:
+        # TaskRecord.settle only when someone may wait (the waiters are rare fields):
+        # most records are waited for after they finish, if at all.
+        if record._rare is not None:
             record.settle()
 
     def _check_reserved(self, record: TaskRecord) -> None:
@@ -438,7 +441,7 @@ class MemoryBroker:
 
     async def cancel(self, task_id: str) -> TaskState | None:
         """Cancel a queued, scheduled or running task; return the state it was in."""
-        record = self._tasks.get(task_id)
+        record = self._tasks.get(id_index(task_id))
         if record is None:
             finished = self._kept.result(task_id, self._clock.now())
             return finished.state if finished is not None else None
@@ -452,7 +455,7 @@ class MemoryBroker:
         return state
 
     def _expire(self, record: TaskRecord) -> None:
-        self._expiry_timers.pop(record.id, None)
+        self._expiry_timers.pop(record._id, None)
         if record.state is _QUEUED or record.state is _SCHEDULED:
             ttl = record.ttl if record.ttl is not None else 0.0
             error = TaskExpired(task_id=record.id, task_name=record.name, ttl=ttl)
@@ -477,7 +480,7 @@ class MemoryBroker:
         else:
             self._scheduled -= 1
         self._size -= 1
-        timer = self._expiry_timers.pop(record.id, None)
+        timer = self._expiry_timers.pop(record._id, None)
         if timer is not None:
             timer.cancel()
         # Out of the queue now, as if a worker had taken it: finish it as its ack would.
@@ -491,7 +494,8 @@ class MemoryBroker:
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """Return a task by id: any unfinished one, or a finished one within result_ttl."""
-        return self._tasks.get(task_id) or self._kept.result(task_id, self._clock.now())
+        record = self._tasks.get(id_index(task_id))
+        return record or self._kept.result(task_id, self._clock.now())
 
     async def dead_letters(self) -> list[TaskRecord]:
         """Return the dead letters, oldest first."""

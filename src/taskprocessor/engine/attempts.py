@@ -1,10 +1,10 @@
 """The attempts running on a pool's workers: start, finish and interrupt them.
 
-The pool's worker loop calls `Attempts.begin` before a handler runs (or does its steps
-inline, for an attempt that needs no context) and ends the attempt itself; a timeout,
-a cancel or a shutdown interrupts the attempt through `Attempts.interrupt`, which
-cancels the worker's task and records the reason in the attempt's context (see the
-pool's module docstring).
+The worker loop (`taskprocessor.engine.runner`) calls `Attempts.begin` before a handler
+runs (or does its steps inline, for an attempt that needs no context) and ends the
+attempt itself; a timeout, a cancel or a shutdown interrupts the attempt through
+`Attempts.interrupt`, which cancels the worker's task and records the reason in the
+attempt's context (see the runner's module docstring).
 """
 
 from __future__ import annotations

@@ -188,6 +188,7 @@ class Hooks:
         "on_retry",
         "on_settled",
         "on_submit",
+        "on_success",
         "pending",
         "pending_ends",
         "settled_success",
@@ -233,6 +234,8 @@ class Hooks:
             for m in self.middleware
             if _overrides(m, "on_settled") and id(m) not in batched
         )
+        # Whether a recorded success has anything to call: one test per task.
+        self.on_success = bool(self.successes or self.settled_success)
         # Successes waiting to be handed to `successes`, and when each handler returned
         # (the worker pool fills and flushes them).
         self.pending: list[TaskRecord] = []
