@@ -62,6 +62,8 @@ from taskprocessor.brokers.redis import RedisBroker
 HERE: Final = Path(__file__).resolve().parent
 PEERS_PYTHON: Final = "/tmp/peers-venv/bin/python"  # noqa: S108 - the venv the docs describe
 DRAIN_JOBS: Final = 20_000
+# The broker option of the second count of commands per task (about twice the workers).
+PREFETCH: Final = "&prefetch=128"
 # Issue 8's reference figures for the runs without the peers: the fastest peer drains
 # about 5,000/s here (so 5x is 25,000/s), the best peers' latency is 0.25 / 0.5 ms.
 PEER_DRAIN_REFERENCE: Final = 5_000.0
@@ -234,7 +236,9 @@ def _calls(conn: redis.Redis) -> Counter[str]:
     )
 
 
-async def _commands_per_task(url: str, jobs: int, logs: Path) -> tuple[float, Counter[str]]:
+async def _commands_per_task(
+    url: str, jobs: int, logs: Path, query: str
+) -> tuple[float, Counter[str]]:
     db_url = f"{url.rstrip('/')}/{DB}"
     conn = redis.Redis.from_url(db_url)
     broker = RedisBroker(db_url, queues=(io_bound.QUEUE,))
@@ -259,7 +263,8 @@ async def _commands_per_task(url: str, jobs: int, logs: Path) -> tuple[float, Co
             ("taskprocessor",),
             DB,
             ("{bin}/taskprocessor", "worker", "io_bound:app"),
-            "`taskprocessor worker io_bound:app` (concurrency 64)",
+            f"`taskprocessor worker io_bound:app` (concurrency 64), broker options {query!r}",
+            env=((io_bound.QUERY_ENV, query),),
         )
         polls = 0
         with peers.workers(peer_options(url, logs), peer, 1, "commands") as running:
@@ -277,7 +282,7 @@ async def _commands_per_task(url: str, jobs: int, logs: Path) -> tuple[float, Co
     return (spent.total() - (polls + 1) * per_poll) / jobs, spent
 
 
-def commands_per_task(jobs: int, logs: Path) -> tuple[float, Counter[str]]:
+def commands_per_task(jobs: int, logs: Path, query: str = "") -> tuple[float, Counter[str]]:
     """Redis commands per task of a worker process's drain of ``jobs`` no-op tasks.
 
     On a Redis server of its own, so that no other client's commands count; the
@@ -285,7 +290,7 @@ def commands_per_task(jobs: int, logs: Path) -> tuple[float, Counter[str]]:
     (polls included), from worker start to the end of the drain.
     """
     with private_redis() as url:
-        return asyncio.run(_commands_per_task(url, jobs, logs))
+        return asyncio.run(_commands_per_task(url, jobs, logs, query))
 
 
 # -- the summary ---------------------------------------------------------------------------
@@ -297,6 +302,7 @@ def summary(
     tp: dict[str, Any],
     others: list[dict[str, Any]],
     commands: float,
+    commands_prefetch: float,
     io_figures: list[io_bound.Figure],
     points: list[scaling.Point],
 ) -> list[Row]:
@@ -342,6 +348,7 @@ def summary(
             math.nan,
         ),
         Row("4", "Redis commands per task", commands, 0.2, False),
+        Row("4", f"Redis commands per task, {PREFETCH.lstrip('&')}", commands_prefetch, 0.2, False),
         Row("4", "worker CPU per task, us", one.get("cpu_us", math.nan), 30, False, "us"),
     ]
     for f in io_figures:
@@ -434,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{commands:.3f} per task (worker start to drained); by command:")
     for name, count in calls.most_common(8):
         print(f"  {name:<12} {count / DRAIN_JOBS:.3f} per task")
+    commands_prefetch, _ = step(
+        f"Redis commands per task, {PREFETCH.lstrip('&')}",
+        lambda: commands_per_task(DRAIN_JOBS, args.logs, PREFETCH),
+    )
+    print(f"{commands_prefetch:.3f} per task")
     io_args = io_bound.parser().parse_args(["--logs", str(args.logs), "--redis", args.redis])
     io_figures = step("io_bound.py", lambda: io_bound.run_all(io_args))
     io_bound.print_figures(io_figures)
@@ -451,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         tp=tp,
         others=others,
         commands=commands,
+        commands_prefetch=commands_prefetch,
         io_figures=io_figures,
         points=points,
     )

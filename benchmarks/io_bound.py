@@ -63,10 +63,11 @@ from taskprocessor.worker import event_loop_factory
 DB: Final = 12  # the Redis database every Redis benchmark of issue 8 uses (flushed)
 QUEUE: Final = _common.QUEUE
 SLEEP_ENV: Final = "IO_BOUND_SLEEP"  # the sleep of the worker's tasks, set by the harness
+QUERY_ENV: Final = "IO_BOUND_BROKER_QUERY"  # more broker URL options ("&prefetch=128")
 
 # -- the app of the worker process, and the producer ---------------------------------------
 
-app = TaskProcessor(broker=f"{_common.URL}?queues={QUEUE}")
+app = TaskProcessor(broker=f"{_common.URL}?queues={QUEUE}{os.environ.get(QUERY_ENV, '')}")
 
 
 async def _sleeper(i: int, seconds: float) -> None:

@@ -25,6 +25,7 @@ _REDIS_BROKER_OPTIONS = {
     "result_ttl": float,
     "max_payload": int,
     "unavailable_timeout": float,
+    "prefetch": int,
 }
 
 

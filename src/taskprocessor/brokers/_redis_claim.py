@@ -32,17 +32,30 @@ this safe:
   renewed first (token checked), and a task whose lease was taken back meanwhile is
   dropped, never run.
 
-Nothing is prefetched by the claim either: it never asks for more tasks than callers
-wait, so a short task is never stuck behind a long one on a busy worker. A task claimed
-for a caller that was cancelled meanwhile goes to the next caller, or back to the queue
-in its place. A wake marker taken when no caller waits any more is passed on to another
-process.
+**Prefetch, while there is a backlog (opt-in).** A claim for the callers waiting alone
+takes about half of them per round trip (the other half come back while it is in
+flight). With ``prefetch`` set, while the queues hold more than the last claim took, the
+claim also asks for up to ``prefetch`` tasks more, and refills when half of them are
+gone. Prefetched tasks are leased here (extended by the heartbeat, counted as running
+in Redis, as queued by `depth`) and go to the next callers, best first (priority, then
+claim order). A higher-priority task queued meanwhile comes with the next refill and
+goes ahead of them, so it starts after at most ``prefetch`` of them. A prefetched task
+that no caller took within `PREFETCH_HOLD` seconds (every worker busy with long tasks)
+goes back to its queue position, where another process may take it: a short task waits
+behind a long one on a busy worker that long at most. With an empty queue (no backlog)
+nothing is prefetched, and a caller gets a task with one claim or a hand-off.
+
+A task claimed for a caller that was cancelled meanwhile goes to the next caller, or
+back to the queue in its place. A wake marker taken when no caller waits any more is
+passed on to another process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -53,7 +66,7 @@ from taskprocessor.clock import Clock, Timer
 from taskprocessor.errors import BrokerError, BrokerUnavailable, ProcessorClosed
 from taskprocessor.task import TaskRecord
 
-__all__ = ["Claimer", "Wake"]
+__all__ = ["PREFETCH_HOLD", "Claimer", "Wake"]
 
 logger = logging.getLogger("taskprocessor.brokers.redis")
 
@@ -66,6 +79,8 @@ _BACKOFF_MIN: Final = 0.05
 _BACKOFF_MAX: Final = 5.0
 # How long closing waits for a claim in flight, and for spares to go back, seconds.
 _CLOSE_WAIT: Final = 5.0
+PREFETCH_HOLD: Final = 0.25
+"""Seconds a prefetched task waits for a caller here before it goes back to its queue."""
 
 
 @final
@@ -99,6 +114,10 @@ class Claimer:
             inbox's tasks back and end a pending ``block``.
         pass_on: Push a marker back to a wake list (taken when no caller waited).
         clock: The clock delayed tasks' due times are on.
+        prefetch: Tasks to claim ahead of the callers while the queues have a backlog
+            (see the module's docstring); 0 for none.
+        handing: Called with a prefetched task as a caller gets it (its cancellation
+            may have come while it waited here).
     """
 
     def __init__(
@@ -110,6 +129,8 @@ class Claimer:
         shrink: Callable[[int], Awaitable[None]],
         pass_on: Callable[[bytes], Awaitable[None]],
         clock: Clock,
+        prefetch: int = 0,
+        handing: Callable[[TaskRecord], None] | None = None,
     ) -> None:
         self._claim = claim
         self._release = release
@@ -119,6 +140,14 @@ class Claimer:
         self._clock = clock
         self._waiters: deque[asyncio.Future[TaskRecord]] = deque()
         self._spare: deque[TaskRecord] = deque()
+        self._prefetch = prefetch
+        self._handing = handing
+        self._backlog = False  # the last claim left tasks ready
+        # Prefetched tasks: a heap of (sort_key, order, claimed at, record), best first.
+        self._held: list[tuple[float, int, float, TaskRecord]] = []
+        self._order = itertools.count()
+        self._hold_timer: Timer | None = None
+        self._stale = False  # a prefetched task may have waited PREFETCH_HOLD
         # What the claimer task reacts to: flags, and one future that wakes it when any
         # of them is raised (cheaper per idle cycle than a task per event to wait on).
         self._demand = False  # a caller came
@@ -154,6 +183,11 @@ class Claimer:
         return sum(1 for w in self._waiters if not w.done())
 
     @property
+    def prefetched(self) -> int:
+        """Tasks claimed ahead of the callers, waiting here for one."""
+        return len(self._held)
+
+    @property
     def registered(self) -> int:
         """Idle slots registered for hand-offs, as far as this process knows."""
         return self._registered
@@ -169,6 +203,8 @@ class Claimer:
             raise ProcessorClosed("the broker was closed")
         if self._spare:
             return self._spare.popleft()
+        if self._held:
+            return self._take_held()
         waiter: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._demand = True
@@ -223,6 +259,7 @@ class Claimer:
         if blocker is not None:
             blocker.cancel()
             await asyncio.gather(blocker, return_exceptions=True)
+        self._unhold()
         if self._spare:
             with contextlib.suppress(BrokerError, ProcessorClosed, TimeoutError):
                 await asyncio.wait_for(self._release_spares(), _CLOSE_WAIT)
@@ -272,8 +309,13 @@ class Claimer:
             while self._spare and live:
                 self._deliver(self._spare.popleft())
                 live -= 1
+            live = await self._serve_held(live)
             if self._spare:
                 await self._guarded(self._release_spares())
+            if not live and self._refill():
+                claim = await self._claim_for(0)
+                if claim:
+                    continue
             if not live:
                 if self._parked:
                     await self._guarded(self._unregister())
@@ -300,11 +342,16 @@ class Claimer:
         return self._closed
 
     async def _claim_for(self, live: int) -> bool:
-        """Claim for ``live`` callers and hand the tasks out; return whether to claim again."""
+        """Claim for ``live`` callers, and ahead of them while there is a backlog.
+
+        Returns:
+            Whether to claim again.
+        """
         self._nudged = False
+        ahead = self._room() if self._backlog else 0
         self._claiming = asyncio.get_running_loop().create_future()
         try:
-            records, drained, next_due = await self._claim(live)
+            records, drained, next_due = await self._claim(live + ahead)
         except BrokerError as exc:
             backoff = self._backoff
             _log_failure(exc, "could not reserve tasks; retrying in %gs: %s", backoff, exc)
@@ -316,8 +363,12 @@ class Claimer:
             self._claiming.set_result(None)
             self._claiming = None
         self._backoff = _BACKOFF_MIN
+        self._backlog = not drained
         for record in records:
-            self._deliver(record)  # to the spares if closing failed the callers meanwhile
+            if ahead and not self._live() and not self._closed:
+                self._hold(record)
+            else:
+                self._deliver(record)  # to the spares if closing failed the callers meanwhile
         if not drained or self._nudged or self._stopped():
             return True
         self._set_delay_timer(next_due)
@@ -332,6 +383,72 @@ class Claimer:
     async def _release_spares(self) -> None:
         while self._spare:
             await self._release(self._spare.popleft())
+
+    # -- prefetched tasks ----------------------------------------------------------
+
+    def _room(self) -> int:
+        """Tasks to claim ahead: none until half of those held are gone."""
+        held, limit = len(self._held), self._prefetch
+        return limit - held if held * 2 <= limit else 0
+
+    def _refill(self) -> bool:
+        """Whether to claim ahead now, with no caller waiting."""
+        return self._backlog and bool(self._held) and self._room() > 0
+
+    async def _serve_held(self, live: int) -> int:
+        """Serve callers from the prefetched tasks; return how many still wait.
+
+        Then those that waited `PREFETCH_HOLD` for a caller go back to their queue.
+        """
+        while self._held and live:
+            self._deliver(self._take_held())
+            live -= 1
+        if self._stale:
+            self._stale = False
+            await self._guarded(self._release_stale())
+        return live
+
+    def _unhold(self) -> None:
+        """Closing: the prefetched tasks become spares (handed back)."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        while self._held:
+            self._spare.append(heapq.heappop(self._held)[3])
+
+    def _hold(self, record: TaskRecord) -> None:
+        now = self._clock.now()
+        heapq.heappush(self._held, (record.sort_key, next(self._order), now, record))
+        if self._hold_timer is None:
+            self._hold_timer = self._clock.call_at(now + PREFETCH_HOLD, self._expire)
+
+    def _take_held(self) -> TaskRecord:
+        record = heapq.heappop(self._held)[3]
+        if self._handing is not None:
+            self._handing(record)
+        if self._refill():
+            self._demand = True
+            self._poke()
+        return record
+
+    def _expire(self) -> None:
+        self._hold_timer = None
+        self._stale = True
+        self._poke()
+
+    async def _release_stale(self) -> None:
+        """Hand back the prefetched tasks that waited `PREFETCH_HOLD` for a caller."""
+        cutoff = self._clock.now() - PREFETCH_HOLD
+        stale = [entry for entry in self._held if entry[2] <= cutoff]
+        if stale:
+            self._held = [entry for entry in self._held if entry[2] > cutoff]
+            heapq.heapify(self._held)
+            self._backlog = False  # no caller took them: claim ahead no more until one waits
+            for entry in stale:
+                await self._release(entry[3])
+        if self._held:
+            oldest = min(entry[2] for entry in self._held)
+            self._hold_timer = self._clock.call_at(oldest + PREFETCH_HOLD, self._expire)
 
     async def _unregister(self) -> None:
         """No caller waits: drop the registration, get the inbox back, end the pop."""

@@ -165,6 +165,13 @@ class Leases:
             for old in [k for k, t in early.items() if t < now - _EARLY_CANCEL_KEEP]:
                 del early[old]
 
+    def handing(self, record: TaskRecord) -> None:
+        """A task held here goes to a worker now: a cancel told while none had it is told again."""
+        lease = self._held.get(record.id)
+        if lease is not None and lease.cancel_sent:
+            lease.cancel_sent = False
+            asyncio.get_running_loop().call_soon(self.notify, lease)
+
     def notify(self, lease: Lease) -> None:
         """Tell the listeners once that a held task was cancelled."""
         if lease.cancel_sent or self._held.get(lease.record.id) is not lease:

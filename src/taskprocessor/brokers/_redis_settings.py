@@ -104,6 +104,7 @@ class Settings:
     recover_interval: float
     idle_timeout: float
     unavailable_timeout: float
+    prefetch: int
     connection_options: Mapping[str, Any] = dataclasses.field(repr=False)
 
     @classmethod
@@ -120,6 +121,7 @@ class Settings:
         recover_interval: float | None,
         idle_timeout: float,
         unavailable_timeout: float,
+        prefetch: int,
         connection_options: Mapping[str, Any] | None,
     ) -> Settings:
         """Check every setting, and resolve the defaults that depend on others.
@@ -139,6 +141,7 @@ class Settings:
         check_int("max_payload", max_payload, 1024)
         check_int("max_attempts", max_attempts, 1)
         check_int("max_dead_letters", max_dead_letters, 0)
+        check_int("prefetch", prefetch, 0)
         unavailable_timeout = check_seconds(
             "unavailable_timeout", unavailable_timeout, zero=True, infinite=True
         )
@@ -157,6 +160,7 @@ class Settings:
             recover_interval=lease / 2 if recover_interval is None else recover_interval,
             idle_timeout=idle_timeout,
             unavailable_timeout=unavailable_timeout,
+            prefetch=prefetch,
             connection_options=dict(connection_options or {}),
         )
 

@@ -108,6 +108,15 @@ class RedisBroker:
             at once, ``math.inf`` waits for ever. Workers, once started, never give
             up: they back off and resume when Redis answers. Acks are retried for as
             long as the task's lease lasts (after it, lease recovery owns the task).
+        prefetch: Tasks a worker process may claim ahead of its waiting workers while
+            its queues have a backlog (0, the default: none; see ``_redis_claim``). A
+            claim then serves about twice as many tasks, for fewer round trips and Redis
+            commands per task. The price: a prefetched task is leased here (counted as
+            running) until a worker takes it, best first; a task queued meanwhile, or
+            released by this process, may start after up to ``prefetch`` of them (the
+            next refill brings it, ahead of those of lower priority); and one no
+            worker takes within a quarter of a second goes back to its queue position.
+            About twice the worker count makes a claim as large as the workers.
         connection_options: Extra keyword arguments for ``redis.Redis.from_url``.
 
     Raises:
@@ -132,6 +141,7 @@ class RedisBroker:
         recover_interval: float | None = None,
         idle_timeout: float = 5.0,
         unavailable_timeout: float = 10.0,
+        prefetch: int = 0,
         connection_options: Mapping[str, Any] | None = None,
     ) -> None:
         settings = self._settings = Settings.check(
@@ -145,6 +155,7 @@ class RedisBroker:
             recover_interval=recover_interval,
             idle_timeout=idle_timeout,
             unavailable_timeout=unavailable_timeout,
+            prefetch=prefetch,
             connection_options=connection_options,
         )
         self.url = settings.masked_url
@@ -181,6 +192,8 @@ class RedisBroker:
             shrink=self._handoff.shrink,
             pass_on=store.push_marker,
             clock=self._clock,
+            prefetch=settings.prefetch,
+            handing=self._leases.handing,
         )
         shared.nudge = self._claimer.nudge
 
@@ -445,9 +458,13 @@ class RedisBroker:
         return await self._admin.purge_dead_letters()
 
     async def depth(self) -> tuple[int, int]:
-        """Return ``(queued, scheduled)`` over this broker's queues; due tasks count as queued."""
+        """Return ``(queued, scheduled)`` over this broker's queues; due tasks count as queued.
+
+        Tasks this broker prefetched (leased here, not yet started) count as queued.
+        """
         await self._ensure_open()
-        return await self._admin.depth()
+        queued, scheduled = await self._admin.depth()
+        return queued + self._claimer.prefetched, scheduled
 
     async def refresh_statistics(self) -> BrokerStatistics:
         """Read fresh counts over this broker's queues; `statistics` returns them after.
@@ -512,7 +529,8 @@ class RedisBroker:
         return (
             f"<RedisBroker {self._state.value} {self.url} "
             f"queues={','.join(self.queues)} held={len(self._leases)} "
-            f"reserving={self._claimer.waiting} awaiting_results={len(self._waiting)} "
+            f"reserving={self._claimer.waiting} prefetched={self._claimer.prefetched} "
+            f"awaiting_results={len(self._waiting)} "
             f"queued={stats.queued} scheduled={stats.scheduled} running={stats.running} "
             f"dead={stats.dead_letters}>"
         )
@@ -551,6 +569,7 @@ class RedisBroker:
             recover_interval=settings.recover_interval,
             idle_timeout=settings.idle_timeout,
             unavailable_timeout=settings.unavailable_timeout,
+            prefetch=settings.prefetch,
             connection_options=settings.connection_options,
         )
         # The per-task bounds given so far.
