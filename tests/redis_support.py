@@ -19,7 +19,7 @@ from typing import Any, Final, final
 import pytest
 import redis
 
-from taskprocessor.brokers._redis_store import QueueKeys, stored_fields
+from taskprocessor.brokers._redis_layout import QueueKeys, stored_fields
 from taskprocessor.brokers.base import Broker, BrokerStatistics
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.task import TaskRecord, TaskState

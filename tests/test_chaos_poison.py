@@ -18,7 +18,7 @@ import pytest
 
 from redis_support import require_redis, store_task, sync_client
 from taskprocessor import TaskProcessor, TaskRecord, TaskState
-from taskprocessor.brokers._redis_store import QueueKeys
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers.codec import ENVELOPE_VERSION, TaskMessage, decode_task, encode_task
 
 pytestmark = pytest.mark.chaos

@@ -40,7 +40,7 @@ from taskprocessor import (
     TaskRecord,
     TaskState,
 )
-from taskprocessor.brokers._redis_store import QueueKeys
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.observability import start_metrics_server
 from taskprocessor.worker import WorkerOptions

@@ -30,8 +30,8 @@ import workerapp
 from cli_support import isolated, run_cli
 from redis_support import delete_queue, require_redis, stored_task, sync_client
 from taskprocessor import TaskProcessor, TaskState
+from taskprocessor._cli_parser import CONFIGURATION
 from taskprocessor.brokers.redis import RedisBroker
-from taskprocessor.cli import _CONFIGURATION
 from taskprocessor.config import CONFIG_ENV, PRECEDENCE, SETTINGS, Settings, load_settings
 from taskprocessor.errors import ConfigurationError
 from taskprocessor.task import TaskRecord
@@ -317,10 +317,10 @@ def test_empty_variables_are_unset_and_misspelt_ones_are_pointed_out(
 def test_the_help_states_the_precedence_of_config() -> None:
     """--help's configuration section names every variable and key that config reads."""
     for spec in SETTINGS:
-        assert spec.env in _CONFIGURATION
-        assert spec.name in _CONFIGURATION
-    assert CONFIG_ENV in _CONFIGURATION
-    assert "[tool.taskprocessor]" in _CONFIGURATION
+        assert spec.env in CONFIGURATION
+        assert spec.name in CONFIGURATION
+    assert CONFIG_ENV in CONFIGURATION
+    assert "[tool.taskprocessor]" in CONFIGURATION
     assert "[tool.taskprocessor]" in PRECEDENCE
 
 

@@ -25,7 +25,7 @@ import pytest
 import workerapp
 from redis_support import require_redis, stored_task, sync_client
 from taskprocessor import TaskProcessor, TaskState
-from taskprocessor.brokers._redis_store import QueueKeys
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
 from worker_process import WorkerProcess
 from worker_process import eventually as poll_until

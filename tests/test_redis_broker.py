@@ -38,7 +38,7 @@ from redis_support import (
 )
 from taskprocessor import TaskProcessor, TaskState
 from taskprocessor.brokers import open_broker
-from taskprocessor.brokers._redis_store import SCRIPT_NAMES, QueueKeys, load_sources
+from taskprocessor.brokers._redis_layout import SCRIPT_NAMES, QueueKeys, load_sources
 from taskprocessor.brokers.codec import (
     DecodeError,
     decode_outcome,

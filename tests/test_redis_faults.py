@@ -31,7 +31,7 @@ import workerapp
 from redis_server import RedisServer
 from redis_support import delete_queue, new_queue, require_redis, stored_task, sync_client
 from taskprocessor import Autoscale, TaskFailed, TaskProcessor, TaskState
-from taskprocessor.brokers._redis_store import QueueKeys
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.errors import BrokerUnavailable, ConfigurationError
 

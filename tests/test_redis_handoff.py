@@ -35,7 +35,7 @@ from redis_support import (
 )
 from taskprocessor import TaskState
 from taskprocessor.brokers._redis_handoff import Freshness
-from taskprocessor.brokers._redis_store import QueueKeys
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.task import TaskRecord
 

@@ -41,8 +41,8 @@ from taskprocessor import (
     TaskProcessor,
     TaskState,
 )
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers._redis_limits import LimitSpec, breaker_key, registry_key
-from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
 from taskprocessor.engine.stages import RateLimitStage
 

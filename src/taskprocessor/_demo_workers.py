@@ -33,7 +33,7 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from taskprocessor._demo_run import Gauges, Run, Step
-from taskprocessor.brokers._redis_store import QueueKeys
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers.redis import RedisBroker
 
 if TYPE_CHECKING:

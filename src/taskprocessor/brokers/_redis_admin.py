@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, final
 
+from taskprocessor.brokers._redis_layout import QueueKeys, read_tasks, stored_fields
 from taskprocessor.brokers._redis_results import Waiting
 from taskprocessor.brokers._redis_shared import Shared
-from taskprocessor.brokers._redis_store import QueueKeys, read_tasks, stored_fields
 from taskprocessor.brokers.base import BrokerStatistics
 from taskprocessor.brokers.codec import decode_outcome, decode_stored, rebuild_error
 from taskprocessor.task import TaskRecord, TaskState

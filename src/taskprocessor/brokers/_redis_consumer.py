@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, final
 
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers._redis_leases import Lease, Leases
 from taskprocessor.brokers._redis_limits import SCAN_WINDOW, GlobalLimits, registry_key
 from taskprocessor.brokers._redis_outage import root_cause
 from taskprocessor.brokers._redis_results import Waiting
 from taskprocessor.brokers._redis_shared import Shared
-from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.codec import (
     UNDECODABLE,
     DecodeError,

@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable
 from typing import Final, final
 
 from taskprocessor.brokers._redis_claim import Wake
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers._redis_results import Waiting
 from taskprocessor.brokers._redis_shared import Shared
-from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.errors import BrokerError
 from taskprocessor.task import TaskRecord, TaskState
 

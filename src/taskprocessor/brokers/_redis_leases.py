@@ -32,8 +32,8 @@ from typing import Any, Final, final
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from taskprocessor.brokers._redis_layout import QueueKeys, Scripts
 from taskprocessor.brokers._redis_outage import BACKOFF_MAX, BACKOFF_MIN, Backoff, Outage
-from taskprocessor.brokers._redis_store import QueueKeys, Scripts
 from taskprocessor.task import TaskRecord
 
 __all__ = ["Lease", "Leases"]

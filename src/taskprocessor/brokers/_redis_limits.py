@@ -57,7 +57,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
-from taskprocessor.brokers._redis_store import QueueKeys, Store
+from taskprocessor.brokers._redis_layout import QueueKeys
+from taskprocessor.brokers._redis_store import Store
 from taskprocessor.errors import BrokerError, ConfigurationError
 from taskprocessor.resilience.ratelimit import RateLimit
 

@@ -27,9 +27,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers._redis_outage import Backoff, Outage
 from taskprocessor.brokers._redis_shared import Shared
-from taskprocessor.brokers._redis_store import QueueKeys
 from taskprocessor.brokers.codec import (
     DecodeError,
     Outcome,

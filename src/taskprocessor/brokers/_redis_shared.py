@@ -14,8 +14,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
+from taskprocessor.brokers._redis_layout import QueueKeys
 from taskprocessor.brokers._redis_settings import Settings, check_queue_name
-from taskprocessor.brokers._redis_store import QueueKeys, Store
+from taskprocessor.brokers._redis_store import Store
 from taskprocessor.clock import Clock
 
 __all__ = ["Shared"]
