@@ -385,18 +385,21 @@ def print_summary(rows: list[Row], gains: dict[str, float], lines: list[str]) ->
     print("\n" + "=" * 88)
     print("issue 8: targets (ratio >= 1.0 means met; figures from this run)")
     print("\n".join(lines))
-    head = f"{'#':<2} {'figure':<52} {'measured':>10} {'target':>9} {'ratio':>7}"
+    w = max([52, *(len(r.figure) for r in rows)])
+    head = f"{'#':<2} {'figure':<{w}} {'measured':>10} {'target':>9} {'ratio':>7}"
     print(f"\n{head}\n{'-' * len(head)}")
     for r in rows:
         sign = ">=" if r.higher_is_better else "<="
         wanted = "-" if math.isnan(r.wanted) else f"{sign}{r.wanted:g}"
         mark = "" if math.isnan(r.ratio) else ("  ok" if r.ratio >= 1 else "  SHORT")
         ratio = fmt(r.ratio, 3)
-        print(f"{r.target:<2} {r.figure:<52} {fmt(r.measured, 3):>10} {wanted:>9} {ratio:>7}{mark}")
+        print(
+            f"{r.target:<2} {r.figure:<{w}} {fmt(r.measured, 3):>10} {wanted:>9} {ratio:>7}{mark}"
+        )
     if gains:
         print("\nuvloop's gain (tasks/s on uvloop / on asyncio, same run):")
         for workload, gain in gains.items():
-            print(f"  {workload:<52} {gain:.3f}")
+            print(f"  {workload:<{w}} {gain:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/io_bound.py [--tasks 5000] [--concurrency 100] [--sleep 0.01]
-        [--loops asyncio,uvloop] [--repeat 3] [--noop-jobs 20000] [--redis URL]
+        [--loops asyncio,uvloop] [--repeat 3] [--prefetch 200] [--noop-jobs 20000]
+        [--redis URL]
 
 N tasks (``--tasks``) that each ``await asyncio.sleep(--sleep)`` are queued first, then
 run with ``--concurrency`` at once; the ideal is ``concurrency / sleep`` tasks/s
@@ -19,6 +20,8 @@ run with ``--concurrency`` at once; the ideal is ``concurrency / sleep`` tasks/s
   from the first task to the last). The probe records a task when it ends, so the span
   is from the first task's end to the last one's; one sleep is added back for the first
   task's run (which makes the figure at most a fraction of a percent generous);
+* the same with the broker's ``prefetch`` (``--prefetch``, default 200; 0 to skip): the
+  worker claims ahead while the queue has a backlog (see README's "Running over Redis");
 * no-op drain, Redis, 1 worker process (``--noop-jobs``, 0 to skip): the peer
   benchmark's taskprocessor drain (20,000 no-op tasks, concurrency 64) on database 12,
   for what the event loop changes on the Redis hot path.
@@ -183,9 +186,17 @@ def _drain(url: str, peer: peers.Peer, jobs: int, logs: Path) -> peers.Drain:
 
 
 def measure_redis(
-    loop: str, tasks: int, concurrency: int, sleep: float, *, url: str, logs: Path
+    loop: str,
+    tasks: int,
+    concurrency: int,
+    sleep: float,
+    *,
+    url: str,
+    logs: Path,
+    prefetch: int = 0,
 ) -> Figure:
-    """Bulk-submit ``tasks`` sleeps, then drain them with one ``taskprocessor worker``."""
+    """Bulk-submit ``tasks`` sleeps, then drain them with one ``taskprocessor worker``
+    (whose broker prefetches ``prefetch`` tasks, if any)."""
     peer = peers.Peer(
         "taskprocessor, I/O-bound",
         "io_bound",
@@ -197,12 +208,12 @@ def measure_redis(
             *("--concurrency", str(concurrency), "--loop", loop),
         ),
         f"`taskprocessor worker io_bound:app --concurrency {concurrency} --loop {loop}`",
-        env=((SLEEP_ENV, repr(sleep)),),
+        env=((SLEEP_ENV, repr(sleep)), (QUERY_ENV, f"&prefetch={prefetch}" if prefetch else "")),
     )
     drain = _drain(url, peer, tasks, logs)
     # The probe stamps a task when it ends: add the first task's own run back.
     return Figure(
-        "I/O-bound, Redis, 1 worker process",
+        "I/O-bound, Redis, 1 worker process" + (f", prefetch={prefetch}" if prefetch else ""),
         loop,
         drain.jobs,
         drain.seconds + sleep,
@@ -278,22 +289,23 @@ def fmt(value: float, digits: int = 0) -> str:
 
 
 def print_figures(figures: list[Figure]) -> None:
+    w = max([38, *(len(f.workload) for f in figures)])
     head = (
-        f"{'workload':<38} {'loop':<8} {'tasks/s':>9} {'ideal/s':>8} {'ratio':>6} "
+        f"{'workload':<{w}} {'loop':<8} {'tasks/s':>9} {'ideal/s':>8} {'ratio':>6} "
         f"{'CPU us/task':>12}"
     )
     print(f"\n{head}\n{'-' * len(head)}")
     for f in figures:
         mark = "" if f.complete else "~"
         print(
-            f"{f.workload:<38} {f.loop:<8} {mark + fmt(f.rate):>9} {fmt(f.ideal):>8} "
+            f"{f.workload:<{w}} {f.loop:<8} {mark + fmt(f.rate):>9} {fmt(f.ideal):>8} "
             f"{fmt(f.ratio, 3):>6} {fmt(f.cpu_us, 1):>12}"
         )
     gains = loop_gains(figures)
     if gains:
         print("\nuvloop's gain, tasks/s on uvloop / on asyncio (same run):")
         for workload, gain in gains.items():
-            print(f"  {workload:<38} {gain:.3f}")
+            print(f"  {workload:<{w}} {gain:.3f}")
 
 
 def loop_gains(figures: list[Figure]) -> dict[str, float]:
@@ -325,9 +337,16 @@ def run_all(args: argparse.Namespace) -> list[Figure]:
             runs.append(measure_memory(loop, args.tasks, args.concurrency, args.sleep))
         runs.extend(
             measure_redis(
-                loop, args.tasks, args.concurrency, args.sleep, url=args.redis, logs=args.logs
+                loop,
+                args.tasks,
+                args.concurrency,
+                args.sleep,
+                url=args.redis,
+                logs=args.logs,
+                prefetch=prefetch,
             )
             for loop in args.loops
+            for prefetch in sorted({0, args.prefetch})
         )
         if args.noop_jobs:
             runs.extend(
@@ -350,6 +369,12 @@ def parser() -> argparse.ArgumentParser:
         help="event loops, comma-separated (default: asyncio, and uvloop when installed)",
     )
     p.add_argument("--repeat", type=int, default=3, help="runs of each; the best is kept")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=200,
+        help="also over Redis with the broker's prefetch at this (0: skip; default 200)",
+    )
     p.add_argument(
         "--noop-jobs", type=int, default=20_000, help="no-op Redis drain size (0: skip it)"
     )
