@@ -148,3 +148,63 @@ def test_prefetch_reaches_the_broker_from_the_url() -> None:
     app = TaskProcessor(broker="redis://127.0.0.1:6379/0?prefetch=32")
     assert isinstance(app.broker, RedisBroker)
     assert app.broker._settings.prefetch == 32
+
+
+async def test_held_tasks_that_cannot_go_back_are_left_to_recovery_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When Redis refuses the hand-back of stale held tasks, the claimer logs it, drops
+    them (their leases expire and recovery queues them) and keeps serving callers."""
+    from taskprocessor.brokers._redis_claim import Claimer, Wake
+    from taskprocessor.errors import BrokerUnavailable
+    from taskprocessor.task import TaskRecord
+    from taskprocessor.testing import FakeClock
+
+    ready = [TaskRecord("job", (), {}) for _ in range(10)]
+    handed_back: list[str] = []
+    clock = FakeClock()
+
+    async def claim(count: int) -> tuple[list[TaskRecord], bool, float | None]:
+        taken = ready[:count]
+        del ready[:count]
+        return taken, not ready, None
+
+    async def release(record: TaskRecord) -> None:
+        handed_back.append(record.id)
+        raise BrokerUnavailable("Redis is down")
+
+    async def block(slots: int) -> Wake:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def nothing(_: object) -> None:
+        return None
+
+    claimer = Claimer(
+        claim=claim,
+        release=release,
+        block=block,
+        shrink=nothing,
+        pass_on=nothing,
+        clock=clock,
+        prefetch=4,
+    )
+    claimer.start()
+    try:
+        first = await asyncio.wait_for(claimer.reserve(), BOUND)  # learns of the backlog
+        second = await asyncio.wait_for(claimer.reserve(), BOUND)  # claims 4 ahead
+        await eventually(lambda: claimer.prefetched == 4, "4 held")
+        with caplog.at_level("WARNING", logger="taskprocessor.brokers.redis"):
+            clock.advance(PREFETCH_HOLD)
+            await eventually(lambda: claimer.prefetched == 0, "the stale ones dropped")
+            await eventually(
+                lambda: any(
+                    "could not hand 4 prefetched" in r.getMessage() for r in caplog.records
+                ),
+                "the failure logged",
+            )
+        assert len(handed_back) == 4
+        third = await asyncio.wait_for(claimer.reserve(), BOUND)  # still serving
+        assert len({first.id, second.id, third.id, *handed_back}) == 7
+    finally:
+        await claimer.aclose()

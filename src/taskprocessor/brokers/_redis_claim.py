@@ -440,15 +440,28 @@ class Claimer:
         """Hand back the prefetched tasks that waited `PREFETCH_HOLD` for a caller."""
         cutoff = self._clock.now() - PREFETCH_HOLD
         stale = [entry for entry in self._held if entry[2] <= cutoff]
-        if stale:
-            self._held = [entry for entry in self._held if entry[2] > cutoff]
-            heapq.heapify(self._held)
-            self._backlog = False  # no caller took them: claim ahead no more until one waits
-            for entry in stale:
-                await self._release(entry[3])
-        if self._held:
+        self._held = [entry for entry in self._held if entry[2] > cutoff]
+        heapq.heapify(self._held)
+        if self._held and self._hold_timer is None:
             oldest = min(entry[2] for entry in self._held)
             self._hold_timer = self._clock.call_at(oldest + PREFETCH_HOLD, self._expire)
+        if not stale:
+            return
+        self._backlog = False  # no caller took them: claim ahead no more until one waits
+        # Together, so that they share round trips (the store merges calls per trip).
+        outcomes = await asyncio.gather(
+            *(self._release(entry[3]) for entry in stale), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+        errors = [o for o in outcomes if isinstance(o, Exception)]
+        if errors:  # their leases expire and lease recovery queues them again
+            logger.warning(
+                "could not hand %d prefetched task(s) back to the queue: %s",
+                len(errors),
+                errors[0],
+            )
 
     async def _unregister(self) -> None:
         """No caller waits: drop the registration, get the inbox back, end the pop."""
