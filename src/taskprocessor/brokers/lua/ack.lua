@@ -33,15 +33,7 @@ local ids = {}
 for i = 1, count do
   ids[i] = acks[i][1]
 end
-local leased, raws = {}, {}
-for first = 1, count, BATCH do
-  local last = math.min(first + BATCH - 1, count)
-  local l = redis.call('HMGET', RUNS.key, unpack(ids, first, last))
-  local r = redis.call('HMGET', RECORDS.key, unpack(ids, first, last))
-  for i = first, last do
-    leased[i], raws[i] = l[i - first + 1], r[i - first + 1]
-  end
-end
+local leased, raws = read_two(ids, RUNS, RECORDS)
 local done, gone, exp = {}, {}, keep and int(clock() + tonumber(result_ttl_ms)) or nil
 local acked = {} -- id -> {token, state} recorded by this call (an id may come twice)
 for i = 1, count do

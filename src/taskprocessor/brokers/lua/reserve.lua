@@ -62,15 +62,7 @@ local function lease_all()
     return
   end
   -- The hot path: plain arrays, no per-task table (see _common.lua for the helpers).
-  local raws, found = {}, {}
-  for first = 1, count, BATCH do
-    local last = math.min(first + BATCH - 1, count)
-    local r = redis.call('HMGET', RECORDS.key, unpack(leased, first, last))
-    local b = redis.call('HMGET', BODIES.key, unpack(leased, first, last))
-    for i = first, last do
-      raws[i], found[i] = r[i - first + 1], b[i - first + 1]
-    end
-  end
+  local raws, found = read_two(leased, RECORDS, BODIES)
   local token = redis.call('INCRBY', prefix .. 'fence', count) - count
   local scores, runs, worker = {}, {}, ARGV[7]
   local o = #out
