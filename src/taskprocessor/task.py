@@ -8,7 +8,7 @@ import itertools
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Final, final
+from typing import Any, Final, Generic, TypeVar, final, overload
 
 from taskprocessor.clock import Clock
 from taskprocessor.errors import ConfigurationError, TaskCancelled
@@ -170,6 +170,39 @@ class _Rare:
         self.admission_pass: object = None
 
 
+_T = TypeVar("_T")
+
+
+@final
+class _RareField(Generic[_T]):
+    """A record field kept in its `_Rare` side object: None until first set to a value.
+
+    Reading it costs one slot test while the record has no side object; setting None
+    on such a record makes none.
+    """
+
+    __slots__ = ("_name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, record: None, owner: type) -> _RareField[_T]: ...
+
+    @overload
+    def __get__(self, record: TaskRecord, owner: type) -> _T | None: ...
+
+    def __get__(self, record: TaskRecord | None, owner: type) -> _RareField[_T] | _T | None:
+        if record is None:
+            return self
+        rare = record._rare
+        return None if rare is None else getattr(rare, self._name)
+
+    def __set__(self, record: TaskRecord, value: _T | None) -> None:
+        if value is not None or record._rare is not None:
+            setattr(record._more(), self._name, value)
+
+
 @final
 class TaskRecord:
     """Everything a broker stores about one task: its message and its outcome.
@@ -257,60 +290,19 @@ class TaskRecord:
             rare = self._rare = _Rare()
         return rare
 
-    @property
-    def key(self) -> str | None:
-        """The concurrency key, or None."""
-        rare = self._rare
-        return None if rare is None else rare.key
-
-    @key.setter
-    def key(self, value: str | None) -> None:
-        if value is not None or self._rare is not None:
-            self._more().key = value
-
-    @property
-    def headers(self) -> dict[str, str] | None:
-        """Message headers (the W3C trace context), or None."""
-        rare = self._rare
-        return None if rare is None else rare.headers
-
-    @headers.setter
-    def headers(self, value: dict[str, str] | None) -> None:
-        if value is not None or self._rare is not None:
-            self._more().headers = value
-
-    @property
-    def eta(self) -> float | None:
-        """Clock time at which a scheduled task becomes ready, or None."""
-        rare = self._rare
-        return None if rare is None else rare.eta
-
-    @eta.setter
-    def eta(self, value: float | None) -> None:
-        if value is not None or self._rare is not None:
-            self._more().eta = value
-
-    @property
-    def expires_at(self) -> float | None:
-        """Clock time at which its queue TTL ends, or None."""
-        rare = self._rare
-        return None if rare is None else rare.expires_at
-
-    @expires_at.setter
-    def expires_at(self, value: float | None) -> None:
-        if value is not None or self._rare is not None:
-            self._more().expires_at = value
-
-    @property
-    def dead_letter_reason(self) -> str | None:
-        """Why it was dead-lettered, or None."""
-        rare = self._rare
-        return None if rare is None else rare.dead_letter_reason
-
-    @dead_letter_reason.setter
-    def dead_letter_reason(self, value: str | None) -> None:
-        if value is not None or self._rare is not None:
-            self._more().dead_letter_reason = value
+    # The fields most tasks leave at None, kept in the side object (see `_Rare`).
+    key: _RareField[str] = _RareField()
+    """The concurrency key, or None."""
+    headers: _RareField[dict[str, str]] = _RareField()
+    """Message headers (the W3C trace context), or None."""
+    eta: _RareField[float] = _RareField()
+    """Clock time at which a scheduled task becomes ready, or None."""
+    expires_at: _RareField[float] = _RareField()
+    """Clock time at which its queue TTL ends, or None."""
+    dead_letter_reason: _RareField[str] = _RareField()
+    """Why it was dead-lettered, or None."""
+    admission_pass: _RareField[object] = _RareField()
+    """The admission stage that booked a slot for this parked task (process-local)."""
 
     @property
     def sort_key(self) -> float:
@@ -321,17 +313,6 @@ class TaskRecord:
     @sort_key.setter
     def sort_key(self, value: float) -> None:
         self._sort_key = value
-
-    @property
-    def admission_pass(self) -> object:
-        """The admission stage that booked a slot for this parked task (process-local)."""
-        rare = self._rare
-        return None if rare is None else rare.admission_pass
-
-    @admission_pass.setter
-    def admission_pass(self, value: object) -> None:
-        if value is not None or self._rare is not None:
-            self._more().admission_pass = value
 
     def completion(self) -> asyncio.Future[None]:
         """Return a future that is done once the record reaches a final state."""
